@@ -1,0 +1,37 @@
+# Two commands on a fresh machine (Python 3.11 + pip):
+#   make run    set up .venv, then `dvc repro` the whole pipeline on real MNIST
+#   make test   set up .venv, then run every test (unit, end-to-end, real-data)
+# Both are idempotent: a second call reuses .venv and DVC skips unchanged stages.
+
+VENV   := .venv
+PYTHON := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+# Stage commands say `python`; make sure that is the project's interpreter.
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+
+.PHONY: run test test-fast lint check-params serve flow experiments bench clean-venv
+
+$(STAMP): pyproject.toml
+	test -x $(PYTHON) || python3 -m venv $(VENV)
+	$(PYTHON) -m pip install --quiet --upgrade pip
+	$(PYTHON) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(PYTHON) -m tasks.params check params.yaml
+	dvc repro
+
+test: $(STAMP)
+	$(PYTHON) -m pytest
+
+test-fast: $(STAMP)
+	$(PYTHON) -m pytest -m "not slow and not server and not real"
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+check-params: $(STAMP)
+	$(PYTHON) -m tasks.params check params.yaml
+
+clean-venv:
+	rm -rf $(VENV)

