@@ -115,7 +115,8 @@ def _http_get(url: str, timeout: float) -> bytes:
 def fetch_from_mirror(base_url: str, data: DataParams, destination: Path) -> None:
     for name in IDX_FILE_NAMES:
         url = base_url + name + ".gz"
-        packed = _with_retries(lambda: _http_get(url, data.timeout_seconds), data.retries, data.backoff_seconds, url)
+        packed = _with_retries(lambda url=url: _http_get(url, data.timeout_seconds),
+                               data.retries, data.backoff_seconds, url)
         if name in data.gzip_sha256:
             _verify(packed, data.gzip_sha256[name], url)
         _write_verified(destination / name, _gunzip(packed, url), data.sha256[name])

@@ -67,10 +67,12 @@ def base_params_document() -> dict[str, Any]:
 def make_params_document(source_dir: Path, **section_overrides: dict[str, Any]) -> dict[str, Any]:
     """The repository's params with data pointing at a synthetic source and a short training run."""
     document = copy.deepcopy(base_params_document())
-    checksums = {name: hashlib.sha256((source_dir / name).read_bytes()).hexdigest() for name in IDX_FILE_NAMES}
+    checksums = {name: hashlib.sha256((source_dir / name).read_bytes()).hexdigest()
+                 for name in IDX_FILE_NAMES}
     document["data"].update(sources=[str(source_dir)], sha256=checksums, gzip_sha256={},
                             class_counts=class_counts(), validation_size=100, retries=0)
-    document["train"].update(steps=60, batch_size=50, eval_every=20, checkpoint_every=20, steps_per_call=20)
+    document["train"].update(steps=60, batch_size=50, learning_rate=0.1, eval_every=20, checkpoint_every=20,
+                             steps_per_call=20)
     document["model"].update(hidden_units=32)
     document["evaluate"].update(batch_size=100, misclassified_shown=9)
     document["promote"].update(min_accuracy=0.5)

@@ -57,7 +57,7 @@ def test_split_takes_the_first_images_for_validation(tmp_path: Path) -> None:
     validation = mnist.load_split(tmp_path, "validation", 100)
     train = mnist.load_split(tmp_path, "train", 100)
     assert validation.images.shape == (100, 784) and train.images.shape == (TRAIN_SIZE - 100, 784)
-    assert validation.images.dtype == np.float32 and 0.0 <= train.images.min() and train.images.max() <= 1.0
+    assert validation.images.dtype == np.float32 and train.images.min() >= 0.0 and train.images.max() <= 1.0
     assert np.array_equal(validation.labels, arrays["train-labels-idx1-ubyte"][:100])
     assert np.allclose(train.images[0], arrays["train-images-idx3-ubyte"][100].reshape(-1) / 255.0)
     with pytest.raises(ValueError, match="unknown split"):

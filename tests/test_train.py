@@ -1,0 +1,189 @@
+"""tasks/train.py and tasks/trainer.py: the seed's algorithm, determinism, resume, divergence."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from tasks import mnist
+from tasks.params import Params, TrainParams, parse_params
+from tasks.train import (
+    BatchOrder,
+    TrainingDiverged,
+    learning_rate_at,
+    load_checkpoint,
+    moving_average_decay_at,
+    train_model,
+)
+from tasks.trainer import Trainer
+
+from .conftest import make_params_document, tool_environment, write_synthetic
+
+
+def _train_params(**changes: object) -> TrainParams:
+    base = parse_params(make_params_document(_shared_source())).train
+    return base.model_copy(update=changes)
+
+
+_SOURCE: list[Path] = []
+
+
+def _shared_source() -> Path:
+    if not _SOURCE:
+        import tempfile
+
+        directory = Path(tempfile.mkdtemp(prefix="synthetic-mnist-"))
+        write_synthetic(directory)
+        _SOURCE.append(directory)
+    return _SOURCE[0]
+
+
+def test_staircase_learning_rate() -> None:
+    train = _train_params(learning_rate=0.8, learning_rate_decay=0.99)
+    assert learning_rate_at(0, train, 550) == 0.8
+    assert learning_rate_at(549, train, 550) == 0.8
+    assert learning_rate_at(550, train, 550) == pytest.approx(0.8 * 0.99)
+    assert learning_rate_at(29999, train, 550) == pytest.approx(0.8 * 0.99**54)
+    assert learning_rate_at(10_000, _train_params(learning_rate_decay=1.0), 550) == _train_params().learning_rate
+
+
+def test_moving_average_warm_up() -> None:
+    train = _train_params(moving_average_decay=0.99)
+    assert moving_average_decay_at(0, train) == pytest.approx(0.1)
+    assert moving_average_decay_at(10, train) == pytest.approx(11 / 20)
+    assert moving_average_decay_at(890, train) == pytest.approx(0.99)  # (1+890)/(10+890) = 0.99
+    assert moving_average_decay_at(5000, train) == 0.99
+    assert moving_average_decay_at(5000, _train_params(moving_average_decay=0.0)) == 0.0
+
+
+def test_batch_order_is_a_pure_function_of_seed_and_step() -> None:
+    first, second = BatchOrder(500, 50, seed=7), BatchOrder(500, 50, seed=7)
+    assert np.array_equal(first.batches(0, 30), second.batches(0, 30))
+    assert np.array_equal(first.batches(0, 30)[17:], second.batches(17, 13))  # resuming mid-epoch
+    epoch = first.batches(0, 10)
+    assert sorted(epoch.reshape(-1).tolist()) == list(range(500))  # each epoch sees every example once
+    assert not np.array_equal(epoch, first.batches(10, 10))  # and the next epoch is reshuffled
+    assert not np.array_equal(epoch, BatchOrder(500, 50, seed=8).batches(0, 10))
+
+
+def _numpy_step(state: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray, rate: float, l2: float):
+    w1, b1, w2, b2 = (state[f"weight_{i}"].astype(np.float64) for i in range(4))
+    pre = x @ w1 + b1
+    hidden = np.maximum(pre, 0)
+    logits = hidden @ w2 + b2
+    probabilities = np.exp(logits - logits.max(1, keepdims=True))
+    probabilities /= probabilities.sum(1, keepdims=True)
+    d_logits = probabilities.copy()
+    d_logits[np.arange(len(y)), y] -= 1
+    d_logits /= len(y)
+    d_pre = (d_logits @ w2.T) * (pre > 0)
+    gradients = [x.T @ d_pre + l2 * w1, d_pre.sum(0), hidden.T @ d_logits + l2 * w2, d_logits.sum(0)]
+    return [w - rate * g for w, g in zip((w1, b1, w2, b2), gradients)]
+
+
+def test_one_step_equals_hand_computed_sgd_with_l2_and_moving_average(params: Params) -> None:
+    training = mnist.load_split(params.data.sources[0], "train", params.data.validation_size)
+    train = params.train.model_copy(update={"l2_rate": 0.01})
+    trainer = Trainer(params.model, train, training.images, training.labels, decay_steps=10)
+    before = trainer.state()
+    batch = np.arange(7, 7 + train.batch_size, dtype=np.int32)
+    loss = trainer.run_steps(batch[None, :])
+    expected = _numpy_step(before, training.images[batch], training.labels[batch], train.learning_rate, 0.01)
+    after = trainer.state()
+    for i, value in enumerate(expected):
+        assert np.allclose(after[f"weight_{i}"], value, rtol=1e-4, atol=1e-6)
+        decay = 0.1  # min(0.99, (1 + 0) / (10 + 0)) at the first step
+        assert np.allclose(after[f"average_{i}"], decay * before[f"weight_{i}"] + (1 - decay) * value, atol=1e-6)
+    assert loss.shape == (1,) and np.isfinite(loss[0])
+    assert trainer.current_step() == 1
+
+
+def _run(params: Params, root: Path, steps: int | None = None, **train_changes: object):
+    train = params.train.model_copy(update={**train_changes, **({"steps": steps} if steps else {})})
+    return train_model(params.model, train, params.data.validation_size, Path(params.data.sources[0]),
+                       root / "candidate", root / "reports", root / "checkpoints")
+
+
+def _final_state(root: Path) -> dict[str, np.ndarray]:
+    return load_checkpoint(sorted((root / "checkpoints").glob("ckpt-*.npz"))[-1])[1]
+
+
+def _assert_same_state(first: dict[str, np.ndarray], second: dict[str, np.ndarray]) -> None:
+    assert first.keys() == second.keys()
+    for key in first:
+        assert np.array_equal(first[key], second[key]), key
+
+
+def test_resume_ends_with_the_weights_of_an_uninterrupted_run(params: Params, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    uninterrupted = _run(params, tmp_path / "a")
+    _run(params, tmp_path / "b", steps=40)  # "interrupted" after the checkpoint at step 40
+    resumed = _run(params, tmp_path / "b")
+    assert "resuming from" in capsys.readouterr().out
+    assert resumed.resumed_from_step == 40 and uninterrupted.resumed_from_step == 0
+    _assert_same_state(_final_state(tmp_path / "a"), _final_state(tmp_path / "b"))
+    assert resumed.validation_accuracy == uninterrupted.validation_accuracy
+    curve = (tmp_path / "b" / "reports" / "curve.csv").read_text().splitlines()
+    assert curve[0].startswith("step,loss,learning_rate") and [r.split(",")[0] for r in curve[1:]] == ["20", "40", "60"]
+
+
+def test_changed_params_start_fresh(params: Params, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _run(params, tmp_path, steps=40)
+    summary = _run(params, tmp_path, l2_rate=0.001)
+    output = capsys.readouterr().out
+    assert "params or data changed" in output and "starting fresh" in output
+    assert summary.resumed_from_step == 0
+    assert summary.steps == params.train.steps
+
+
+def test_outputs_and_learning(params: Params, tmp_path: Path) -> None:
+    summary = _run(params, tmp_path, steps=200, eval_every=100, steps_per_call=50)
+    assert summary.validation_accuracy > 0.8  # the synthetic digits are easy; chance is 0.1
+    assert (tmp_path / "candidate" / "saved_model.pb").is_file()
+    assert len(list((tmp_path / "checkpoints").glob("ckpt-*.npz"))) <= params.train.keep_checkpoints
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_divergence_stops_with_the_step_and_rate_and_writes_no_model(params: Params, tmp_path: Path) -> None:
+    with pytest.raises(TrainingDiverged, match=r"at step \d+ with learning rate 100"):
+        _run(params, tmp_path, learning_rate=100.0, learning_rate_decay=1.0, l2_rate=1.0)
+    assert not (tmp_path / "candidate").exists()
+
+
+@pytest.mark.slow
+def test_killed_stage_resumes_to_identical_weights(tmp_path: Path, synthetic_source: Path) -> None:
+    """SIGKILL `python -m tasks.train` after its first checkpoint, re-run, compare with a clean run."""
+    document = make_params_document(synthetic_source)
+    document["train"].update(steps=6000, steps_per_call=10, eval_every=1000, checkpoint_every=1000)
+    roots = []
+    for name in ("killed", "clean"):
+        root = tmp_path / name
+        write_synthetic(root / "data" / "raw")
+        (root / "params.yaml").write_text(yaml.safe_dump(document))
+        roots.append(root)
+    killed, clean = roots
+    command = [sys.executable, "-m", "tasks.train"]
+    environment = tool_environment() | {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    process = subprocess.Popen(command, cwd=killed, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while not list((killed / "checkpoints").glob("ckpt-*.npz")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (killed / "models" / "candidate").exists()
+    resumed = subprocess.run(command, cwd=killed, env=environment, capture_output=True, text=True, check=True)
+    assert "resuming from" in resumed.stdout
+    subprocess.run(command, cwd=clean, env=environment, capture_output=True, text=True, check=True)
+    _assert_same_state(_final_state_at(killed), _final_state_at(clean))
+
+
+def _final_state_at(root: Path) -> dict[str, np.ndarray]:
+    return load_checkpoint(sorted((root / "checkpoints").glob("ckpt-*.npz"))[-1])[1]
