@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import tensorflow as tf
 
 from tasks.params import ModelParams
@@ -99,3 +100,32 @@ class ServingModel(tf.Module):
 
 def export(model: ServingModel, directory: str) -> None:
     tf.saved_model.save(model, directory, signatures=model.signatures())
+
+
+class ModelLoadError(RuntimeError):
+    """A model directory is missing, unreadable, or lacks the expected signatures."""
+
+
+REQUIRED_SIGNATURES = ("serving_default", "serving_float", "raw_weights")
+
+
+def load_serving_model(directory: str) -> tf.Module:
+    """Load an exported model and check its signatures. A SavedModel holds graphs and tensors
+    only, so loading it runs no Python from the file (unlike pickle or Keras lambda layers)."""
+    try:
+        loaded = tf.saved_model.load(str(directory))
+    except (OSError, ValueError, tf.errors.OpError) as error:
+        raise ModelLoadError(f"cannot load the model in {directory}: {str(error).splitlines()[0]}") from None
+    missing = [name for name in REQUIRED_SIGNATURES if name not in loaded.signatures]
+    if missing:
+        raise ModelLoadError(f"the model in {directory} lacks the signatures {missing}")
+    return loaded
+
+
+def predict_logits(loaded: tf.Module, images: np.ndarray, signature: str = "serving_float",
+                   batch_size: int = 2000) -> np.ndarray:
+    """Logits of float images (n, 784) through one signature, in batches."""
+    function = loaded.signatures[signature]
+    outputs = [function(images=tf.constant(images[start : start + batch_size]))["logits"].numpy()
+               for start in range(0, len(images), batch_size)]
+    return np.concatenate(outputs) if outputs else np.zeros((0, NUM_CLASSES), np.float32)

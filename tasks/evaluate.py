@@ -1,0 +1,117 @@
+"""Stage `evaluate`: score the candidate model and draw what a person needs to judge it.
+
+Loads ``models/candidate/`` (a SavedModel: graphs and tensors, no code runs on load) and
+evaluates its moving-average weights, and its raw weights for comparison, on the 10000 test
+images and on the validation split. Writes
+
+* ``reports/metrics.json``: ``test.accuracy`` (EMA), ``test.accuracy_raw``, ``test.loss``,
+  ``test.errors``, ``validation.accuracy``, ``validation.accuracy_raw``, ``train.steps``,
+  ``train.steps_per_second``, ``train.seconds`` (``dvc metrics show/diff`` read it);
+* ``reports/plots/confusion.csv`` (one row per test image, DVC's ``confusion`` template) and
+  PNGs: ``learning_curves.png``, ``confusion_matrix.png``, ``misclassified.png``.
+
+    python -m tasks.evaluate [--params params.yaml]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tasks import mnist, plots
+from tasks.params import EvaluateParams, load_params
+
+PARAMS_SECTIONS = ("evaluate", "data.validation_size")
+
+
+@dataclass(frozen=True)
+class Scores:
+    accuracy: float
+    accuracy_raw: float
+    loss: float
+    predicted: np.ndarray
+
+
+def cross_entropy(logits: np.ndarray, labels: np.ndarray) -> float:
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    log_probabilities = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    return float(-log_probabilities[np.arange(len(labels)), labels].mean())
+
+
+def score(loaded: object, split: mnist.Split, batch_size: int) -> Scores:
+    """Accuracy and loss of the EMA weights, and the accuracy of the raw weights."""
+    from tasks.model import predict_logits
+
+    logits = predict_logits(loaded, split.images, "serving_float", batch_size)
+    raw_logits = predict_logits(loaded, split.images, "raw_weights", batch_size)
+    predicted = logits.argmax(axis=1)
+    return Scores(accuracy=float((predicted == split.labels).mean()),
+                  accuracy_raw=float((raw_logits.argmax(axis=1) == split.labels).mean()),
+                  loss=cross_entropy(logits, split.labels), predicted=predicted)
+
+
+def build_metrics(test: Scores, validation: Scores, test_labels: np.ndarray, train_summary: dict) -> dict:
+    """The metric keys users diff; their names and nesting are a contract (DESIGN.md)."""
+    return {
+        "test": {"accuracy": round(test.accuracy, 6), "accuracy_raw": round(test.accuracy_raw, 6),
+                 "loss": round(test.loss, 6), "errors": int((test.predicted != test_labels).sum())},
+        "validation": {"accuracy": round(validation.accuracy, 6), "accuracy_raw": round(validation.accuracy_raw, 6)},
+        "train": {"steps": int(train_summary["steps"]), "steps_per_second": train_summary["steps_per_second"],
+                  "seconds": train_summary["seconds"]},
+    }
+
+
+def write_plots(plots_dir: Path, test: mnist.Split, predicted: np.ndarray, curve_csv: Path, shown: int) -> None:
+    rows = ["actual,predicted"] + [f"{a},{p}" for a, p in zip(test.labels, predicted)]
+    mnist.write_bytes_atomic(plots_dir / "confusion.csv", ("\n".join(rows) + "\n").encode())
+    matrix = np.zeros((10, 10), dtype=np.int64)
+    np.add.at(matrix, (test.labels, predicted), 1)
+    plots.confusion_matrix(matrix, plots_dir / "confusion_matrix.png")
+    wrong = np.flatnonzero(predicted != test.labels)[:shown]
+    plots.misclassified_grid(test.images[wrong], test.labels[wrong], predicted[wrong], plots_dir / "misclassified.png")
+    plots.learning_curves(curve_csv, plots_dir / "learning_curves.png")
+
+
+def evaluate_candidate(evaluate: EvaluateParams, validation_size: int, data_dir: Path, candidate_dir: Path,
+                       train_reports: Path, metrics_path: Path, plots_dir: Path) -> dict:
+    """Score the candidate; write metrics.json and the plots; return the metrics."""
+    from tasks.model import load_serving_model
+
+    loaded = load_serving_model(str(candidate_dir))
+    test_split = mnist.load_split(data_dir, "test", validation_size)
+    test = score(loaded, test_split, evaluate.batch_size)
+    validation = score(loaded, mnist.load_split(data_dir, "validation", validation_size), evaluate.batch_size)
+    train_summary = json.loads((Path(train_reports) / "summary.json").read_text())
+    metrics = build_metrics(test, validation, test_split.labels, train_summary)
+    write_plots(Path(plots_dir), test_split, test.predicted, Path(train_reports) / "curve.csv",
+                evaluate.misclassified_shown)
+    mnist.write_bytes_atomic(Path(metrics_path), (json.dumps(metrics, indent=2) + "\n").encode())
+    print(f"evaluate: test accuracy {test.accuracy:.4f} (EMA) {test.accuracy_raw:.4f} (raw), "
+          f"{metrics['test']['errors']} errors, loss {test.loss:.4f}; validation {validation.accuracy:.4f}", flush=True)
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    from tasks.model import ModelLoadError
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    args = parser.parse_args(argv)
+    params = load_params(args.params)
+    paths = params.paths
+    try:
+        evaluate_candidate(params.evaluate, params.data.validation_size, Path(paths.raw_data), Path(paths.candidate),
+                           Path(paths.train_reports), Path(paths.metrics), Path(paths.plots))
+    except (ModelLoadError, mnist.DataError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

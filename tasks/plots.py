@@ -1,0 +1,70 @@
+"""PNG pictures a person looks at: learning curves, the confusion matrix, misclassified digits.
+
+DVC renders the CSV plots itself (`dvc plots show/diff`); these PNGs are for people reading
+`reports/plots/` directly or in `dvc plots diff` output. Matplotlib runs headless (Agg).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on servers and CI
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from tasks.mnist import write_bytes_atomic  # noqa: E402
+
+
+def _save(figure: plt.Figure, path: Path) -> None:
+    buffer = io.BytesIO()
+    # A fixed timestamp-free PNG keeps the bytes stable across identical runs.
+    figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight", metadata={"Software": None})
+    plt.close(figure)
+    write_bytes_atomic(path, buffer.getvalue())
+
+
+def learning_curves(curve_csv: Path, path: Path) -> None:
+    with open(curve_csv, newline="") as stream:
+        rows = list(csv.DictReader(stream))
+    steps = [int(row["step"]) for row in rows]
+    figure, (loss_axis, accuracy_axis, rate_axis) = plt.subplots(1, 3, figsize=(15, 4))
+    loss_axis.plot(steps, [float(row["loss"]) for row in rows])
+    loss_axis.set(title="training loss (cross-entropy + L2)", xlabel="step", yscale="log")
+    for column, label in (("validation_accuracy", "moving average"), ("validation_accuracy_raw", "raw weights")):
+        accuracy_axis.plot(steps, [float(row[column]) for row in rows], label=label)
+    accuracy_axis.set(title="validation accuracy", xlabel="step")
+    accuracy_axis.legend()
+    rate_axis.plot(steps, [float(row["learning_rate"]) for row in rows])
+    rate_axis.set(title="learning rate", xlabel="step")
+    _save(figure, path)
+
+
+def confusion_matrix(matrix: np.ndarray, path: Path) -> None:
+    figure, axis = plt.subplots(figsize=(7, 6))
+    shown = axis.imshow(np.log1p(matrix), cmap="Blues")
+    for (actual, predicted), count in np.ndenumerate(matrix):
+        if count:
+            color = "white" if matrix[actual, predicted] > matrix.max() / 2 else "black"
+            axis.text(predicted, actual, str(count), ha="center", va="center", fontsize=7, color=color)
+    axis.set(title="confusion matrix (test set)", xlabel="predicted", ylabel="actual",
+             xticks=range(10), yticks=range(10))
+    figure.colorbar(shown, label="log(1 + count)")
+    _save(figure, path)
+
+
+def misclassified_grid(images: np.ndarray, actual: np.ndarray, predicted: np.ndarray, path: Path) -> None:
+    """Up to len(images) wrong test digits, titled 'true -> predicted'."""
+    columns = max(1, int(np.ceil(np.sqrt(max(len(images), 1)))))
+    rows = max(1, int(np.ceil(len(images) / columns)))
+    figure, axes = plt.subplots(rows, columns, figsize=(1.4 * columns, 1.6 * rows), squeeze=False)
+    for index, axis in enumerate(axes.flat):
+        axis.axis("off")
+        if index < len(images):
+            axis.imshow(images[index].reshape(28, 28), cmap="gray_r")
+            axis.set_title(f"{actual[index]} -> {predicted[index]}", fontsize=9)
+    figure.suptitle("misclassified test digits (true -> predicted)")
+    _save(figure, path)

@@ -1,0 +1,70 @@
+"""tasks/evaluate.py: the metric keys, their values, and the pictures."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tasks import mnist
+from tasks.evaluate import cross_entropy, evaluate_candidate
+from tasks.model import ModelLoadError
+from tasks.params import Params
+from tasks.train import train_model
+
+
+@pytest.fixture
+def trained(params: Params, tmp_path: Path) -> Path:
+    root = tmp_path / "run"
+    train_model(params.model, params.train, params.data.validation_size, Path(params.data.sources[0]),
+                root / "candidate", root / "reports" / "train", root / "checkpoints")
+    return root
+
+
+def _evaluate(params: Params, root: Path) -> dict:
+    return evaluate_candidate(params.evaluate, params.data.validation_size, Path(params.data.sources[0]),
+                              root / "candidate", root / "reports" / "train", root / "reports" / "metrics.json",
+                              root / "reports" / "plots")
+
+
+def test_metrics_keys_and_values(params: Params, trained: Path) -> None:
+    metrics = _evaluate(params, trained)
+    assert json.loads((trained / "reports" / "metrics.json").read_text()) == metrics
+    assert set(metrics) == {"test", "validation", "train"}
+    assert set(metrics["test"]) == {"accuracy", "accuracy_raw", "loss", "errors"}
+    assert set(metrics["validation"]) == {"accuracy", "accuracy_raw"}
+    assert {"steps", "steps_per_second"} <= set(metrics["train"])
+    test_size = len(mnist.load_split(Path(params.data.sources[0]), "test", 0).labels)
+    assert metrics["test"]["errors"] == round((1 - metrics["test"]["accuracy"]) * test_size)
+    assert metrics["test"]["accuracy"] > 0.8 and metrics["train"]["steps"] == params.train.steps
+
+
+def test_plots_are_written(params: Params, trained: Path) -> None:
+    _evaluate(params, trained)
+    plots = trained / "reports" / "plots"
+    assert sorted(p.name for p in plots.iterdir()) == [
+        "confusion.csv", "confusion_matrix.png", "learning_curves.png", "misclassified.png"]
+    for png in plots.glob("*.png"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    rows = (plots / "confusion.csv").read_text().splitlines()
+    assert rows[0] == "actual,predicted" and len(rows) == 1 + 200
+
+
+def test_metrics_are_stable_across_runs(params: Params, trained: Path) -> None:
+    first = _evaluate(params, trained)
+    assert _evaluate(params, trained) == first
+
+
+def test_missing_or_corrupt_candidate_is_a_clear_error(params: Params, trained: Path) -> None:
+    (trained / "candidate" / "saved_model.pb").write_bytes(b"garbage")
+    with pytest.raises(ModelLoadError, match="cannot load the model"):
+        _evaluate(params, trained)
+    assert not (trained / "reports" / "metrics.json").exists()
+
+
+def test_cross_entropy_matches_the_definition() -> None:
+    logits = np.array([[2.0, 0.0, -1.0], [0.0, 0.0, 0.0]])
+    expected = -np.mean([np.log(np.exp(2) / (np.exp(2) + 1 + np.exp(-1))), np.log(1 / 3)])
+    assert cross_entropy(logits, np.array([0, 1])) == pytest.approx(expected)

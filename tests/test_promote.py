@@ -1,0 +1,173 @@
+"""tasks/promote.py: the champion/challenger gate, atomic publishing, the registry, rollback."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tasks import model as network
+from tasks.params import Params, PromoteParams, parse_params
+from tasks.promote import PromotionError, promote_candidate, publish, rollback, versions
+from tasks.train import train_model
+
+from .conftest import REPO_ROOT, make_params_document, tool_environment, write_synthetic
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A trained ("good", test accuracy ~0.99) and an untrained ("bad", ~0.1) model, trained once."""
+    root = tmp_path_factory.mktemp("models")
+    write_synthetic(root / "data")
+    params = parse_params(make_params_document(root / "data"))
+    train_model(params.model, params.train, 100, root / "data", root / "good", root / "reports", root / "ckpt")
+    initial = network.initial_values(params.model, seed=5)
+    network.export(network.ServingModel(initial, initial, "relu"), str(root / "bad"))
+    return {"good": root / "good", "bad": root / "bad", "data": root / "data"}
+
+
+def _tree_digest(directory: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(directory.rglob("*")):
+        digest.update(str(path.relative_to(directory)).encode())
+        if path.is_file():
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def _promote(models: dict[str, Path], tmp_path: Path, candidate: str | Path, **thresholds: float):
+    settings = {"min_accuracy": 0.5, "min_improvement": 0.0001, "keep_versions": 3} | thresholds
+    candidate_dir = models[candidate] if isinstance(candidate, str) else candidate
+    (tmp_path / "params.yaml").write_text("fingerprinted: true\n")
+    return promote_candidate(PromoteParams(**settings), candidate_dir, models["data"], tmp_path / "production",
+                             tmp_path / "registry.json", tmp_path / "promotion.json", tmp_path / "params.yaml")
+
+
+def _registry(tmp_path: Path) -> list[dict]:
+    return json.loads((tmp_path / "registry.json").read_text())
+
+
+def test_first_candidate_needs_only_the_value_threshold(models: dict[str, Path], tmp_path: Path) -> None:
+    decision = _promote(models, tmp_path, "good")
+    assert decision.promoted and decision.version == 1 and "no champion yet" in decision.reason
+    assert versions(tmp_path / "production") == [1]
+    assert _tree_digest(tmp_path / "production" / "1") == _tree_digest(models["good"])
+    promotion = json.loads((tmp_path / "promotion.json").read_text())
+    assert promotion["promoted"] is True and promotion["version"] == 1
+    entry = _registry(tmp_path)[0]
+    for key in ("version", "time", "git_revision", "data_fingerprint", "params_fingerprint",
+                "candidate_accuracy", "champion_accuracy", "promoted", "reason"):
+        assert key in entry
+
+
+def test_better_candidate_replaces_the_re_evaluated_champion(models: dict[str, Path], tmp_path: Path) -> None:
+    _promote(models, tmp_path, "bad", min_accuracy=0.0)
+    decision = _promote(models, tmp_path, "good")
+    assert decision.promoted and decision.version == 2 and decision.champion_version == 1
+    assert decision.champion_accuracy is not None and decision.champion_accuracy < 0.3  # measured now, not trusted
+    assert len(_registry(tmp_path)) == 2
+
+
+def test_worse_candidate_is_rejected_and_production_untouched(models: dict[str, Path], tmp_path: Path) -> None:
+    _promote(models, tmp_path, "good")
+    before = _tree_digest(tmp_path / "production")
+    decision = _promote(models, tmp_path, "bad", min_accuracy=0.0)
+    assert not decision.promoted and "does not beat champion v1" in decision.reason
+    assert _tree_digest(tmp_path / "production") == before
+    assert json.loads((tmp_path / "promotion.json").read_text())["promoted"] is False
+    assert [entry["promoted"] for entry in _registry(tmp_path)] == [True, False]
+
+
+def test_equal_candidate_needs_the_minimum_improvement(models: dict[str, Path], tmp_path: Path) -> None:
+    _promote(models, tmp_path, "good")
+    assert not _promote(models, tmp_path, "good").promoted
+    assert _promote(models, tmp_path, "good", min_improvement=0.0).promoted
+
+
+def test_candidate_below_the_value_threshold_is_rejected(models: dict[str, Path], tmp_path: Path) -> None:
+    decision = _promote(models, tmp_path, "bad", min_accuracy=0.9)
+    assert not decision.promoted and "below promote.min_accuracy 0.9" in decision.reason
+    assert versions(tmp_path / "production") == []
+
+
+def test_corrupt_candidate_is_rejected(models: dict[str, Path], tmp_path: Path) -> None:
+    _promote(models, tmp_path, "good")
+    before = _tree_digest(tmp_path / "production")
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "saved_model.pb").write_bytes(b"\x00garbage")
+    decision = _promote(models, tmp_path, corrupt)
+    assert not decision.promoted and "candidate cannot be loaded" in decision.reason
+    assert _tree_digest(tmp_path / "production") == before
+
+
+def test_unloadable_champion_is_judged_on_the_value_threshold(models: dict[str, Path], tmp_path: Path) -> None:
+    _promote(models, tmp_path, "good")
+    (tmp_path / "production" / "1" / "saved_model.pb").write_bytes(b"broken")
+    decision = _promote(models, tmp_path, "good")
+    assert decision.promoted and decision.version == 2 and "champion v1 cannot be loaded" in decision.reason
+
+
+def test_keep_versions_prunes_the_oldest(models: dict[str, Path], tmp_path: Path) -> None:
+    for _ in range(4):
+        publish(models["good"], tmp_path / "production", keep_versions=3)
+    assert versions(tmp_path / "production") == [2, 3, 4]
+
+
+def test_rollback_republishes_an_earlier_version(models: dict[str, Path], tmp_path: Path) -> None:
+    production, registry = tmp_path / "production", tmp_path / "registry.json"
+    publish(models["good"], production, 5)
+    publish(models["bad"], production, 5)
+    assert rollback(production, registry, None, 5) == 3
+    assert _tree_digest(production / "3") == _tree_digest(production / "1")
+    assert _registry(tmp_path)[-1] | {"time": None, "git_revision": None} == {
+        "action": "rollback", "restored_version": 1, "version": 3, "replaced_version": 2,
+        "time": None, "git_revision": None}
+    assert rollback(production, registry, 2, 5) == 4
+    with pytest.raises(PromotionError, match="version 9 is not in"):
+        rollback(production, registry, 9, 5)
+
+
+def test_rollback_with_nothing_to_restore(tmp_path: Path) -> None:
+    with pytest.raises(PromotionError, match="nothing to roll back to"):
+        rollback(tmp_path / "production", tmp_path / "registry.json", None, 5)
+
+
+@pytest.mark.slow
+def test_publish_killed_midway_leaves_only_complete_versions(models: dict[str, Path], tmp_path: Path) -> None:
+    """SIGKILL a publish while it copies files (slowed down); no partial version may appear."""
+    production = tmp_path / "production"
+    publish(models["good"], production, 5)
+    before = _tree_digest(production)
+    script = (
+        "import shutil, time\n"
+        "from pathlib import Path\n"
+        "from tasks import promote\n"
+        "original = shutil.copyfile\n"
+        "def slow_copy(*args, **kwargs):\n"
+        "    print('copying', flush=True); time.sleep(1.0); return original(*args, **kwargs)\n"
+        "shutil.copyfile = slow_copy  # copy2, which copytree uses, looks copyfile up at call time\n"
+        f"promote.publish(Path({str(models['bad'])!r}), Path({str(production)!r}), 5)\n"
+    )
+    environment = tool_environment() | {"PYTHONPATH": str(REPO_ROOT)}
+    process = subprocess.Popen([sys.executable, "-c", script], env=environment, stdout=subprocess.PIPE, text=True)
+    assert process.stdout is not None and process.stdout.readline().strip() == "copying"
+    time.sleep(1.5)  # at least one file copied, more to come
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert versions(production) == [1]
+    assert _tree_digest(production / "1") == _tree_digest(models["good"])
+    assert [p.name for p in production.iterdir() if not p.name.startswith(".")] == ["1"]
+    publish(models["bad"], production, 5)  # the next publish cleans up what the killed one left
+    assert sorted(p.name for p in production.iterdir()) == ["1", "2"]
+    assert before != _tree_digest(production)
+
+
+def test_params_sections(params: Params) -> None:
+    assert params.promote.min_accuracy == 0.5
