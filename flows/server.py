@@ -1,0 +1,79 @@
+"""Start and stop a real `prefect server` (SQLite) on a loopback port.
+
+Used by `python -m flows.serve` (the operator's one command), by the tests, and by the
+benchmarks. The database lives in ``PREFECT_HOME`` (``<home>/prefect.db``).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@dataclass
+class PrefectServer:
+    process: subprocess.Popen
+    api_url: str
+    home: Path
+
+    @property
+    def ui_url(self) -> str:
+        return self.api_url.removesuffix("/api")
+
+    def client_environment(self) -> dict[str, str]:
+        """What a client process needs to talk to this server."""
+        return {"PREFECT_API_URL": self.api_url, "DO_NOT_TRACK": "1"}
+
+    def stop(self, timeout: float = 20) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)  # graceful; SIGTERM would end it at once
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+
+
+def _healthy(api_url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{api_url}/health", timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def start_server(home: Path, port: int | None = None, ui: bool = False, timeout: float = 180,
+                 extra_environment: dict[str, str] | None = None) -> PrefectServer:
+    """Start `prefect server start` and wait until /api/health answers (migrations done)."""
+    home.mkdir(parents=True, exist_ok=True)
+    port = port or free_port()
+    environment = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                   "PREFECT_SERVER_UI_ENABLED": str(ui).lower(), "DO_NOT_TRACK": "1",
+                   **(extra_environment or {})}
+    environment.pop("PREFECT_API_URL", None)
+    log = open(home / "server.log", "ab")  # noqa: SIM115 - the server process owns it from here
+    command = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    process = subprocess.Popen(command, env=environment, stdout=log, stderr=subprocess.STDOUT,
+                               start_new_session=True)
+    server = PrefectServer(process, f"http://127.0.0.1:{port}/api", home)
+    deadline = time.monotonic() + timeout
+    while not _healthy(server.api_url):
+        if process.poll() is not None or time.monotonic() > deadline:
+            server.stop()
+            tail = (home / "server.log").read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"prefect server did not become healthy on port {port}:\n{tail}")
+        time.sleep(0.3)
+    return server
