@@ -16,7 +16,9 @@ evaluation can report both.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
@@ -100,6 +102,21 @@ class ServingModel(tf.Module):
 
 def export(model: ServingModel, directory: str) -> None:
     tf.saved_model.save(model, directory, signatures=model.signatures())
+    _make_fingerprint_reproducible(Path(directory) / "fingerprint.pb")
+
+
+def _make_fingerprint_reproducible(path: Path) -> None:
+    """TensorFlow writes a random UUID into fingerprint.pb on every save, so two identical models
+    would differ in bytes (and in DVC's hashes). Derive the UUID from the model's own hashes."""
+    from tensorflow.core.protobuf import fingerprint_pb2
+
+    if not path.exists():
+        return
+    fingerprint = fingerprint_pb2.FingerprintDef.FromString(path.read_bytes())
+    fingerprint.uuid = ""
+    digest = hashlib.sha256(fingerprint.SerializeToString(deterministic=True)).hexdigest()
+    fingerprint.uuid = str(int(digest[:32], 16))
+    path.write_bytes(fingerprint.SerializeToString(deterministic=True))
 
 
 class ModelLoadError(RuntimeError):

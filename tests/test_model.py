@@ -62,3 +62,21 @@ def test_exported_model_serves_uint8_and_float_images(tmp_path: Path) -> None:
     assert np.allclose(from_float["logits"], expected, atol=1e-5)
     raw_logits = loaded.signatures["raw_weights"](images=scaled)["logits"].numpy()
     assert np.allclose(raw_logits, network.inference(scaled, raw, "relu").numpy(), atol=1e-5)
+
+
+def test_export_is_byte_reproducible(tmp_path: Path) -> None:
+    """Two processes exporting the same weights write identical bytes (TF's random fingerprint
+    UUID is replaced by one derived from the model), so DVC sees identical models as identical."""
+    import subprocess
+    import sys
+
+    script = ("import sys\nfrom tasks import model as m\nfrom tasks.params import ModelParams\n"
+              "p = ModelParams(hidden_units=8, activation='relu', init_stddev=0.1)\n"
+              "v = m.initial_values(p, 0)\nm.export(m.ServingModel(v, v, 'relu'), sys.argv[1])\n")
+    root = Path(__file__).resolve().parents[1]
+    for name in ("a", "b"):
+        subprocess.run([sys.executable, "-c", script, str(tmp_path / name)], cwd=root, check=True, capture_output=True)
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
+    assert Path("fingerprint.pb") in files
+    for relative in files:
+        assert (tmp_path / "a" / relative).read_bytes() == (tmp_path / "b" / relative).read_bytes(), relative
