@@ -33,5 +33,18 @@ lint: $(STAMP)
 check-params: $(STAMP)
 	$(PYTHON) -m tasks.params check params.yaml
 
+# The pipeline as one Prefect flow run (a temporary local Prefect server unless PREFECT_API_URL is set).
+flow: $(STAMP)
+	$(PYTHON) -m flows.pipeline
+
+# Start a local Prefect server (SQLite in .prefect/, UI at http://127.0.0.1:4200) and serve the
+# scheduled deployment from params.yaml `schedule`. Ctrl-C stops both; the schedule stays.
+serve: $(STAMP)
+	$(PYTHON) -m flows.deploy --start-server --port 4200 --home .prefect
+
+bench: $(STAMP)
+	$(PYTHON) bench/train_speed.py
+	$(PYTHON) bench/flow_overhead.py
+
 clean-venv:
 	rm -rf $(VENV)
