@@ -42,6 +42,10 @@ flow: $(STAMP)
 serve: $(STAMP)
 	$(PYTHON) -m flows.deploy --start-server --port 4200 --home .prefect
 
+# The seed's comparison table: each optimisation dropped in turn, as queued DVC experiments.
+experiments: $(STAMP)
+	$(PYTHON) -m tasks.experiments
+
 bench: $(STAMP)
 	$(PYTHON) bench/train_speed.py
 	$(PYTHON) bench/flow_overhead.py

@@ -38,11 +38,11 @@ def test_dvc_repro_download_with_no_good_source_fails_cleanly(tmp_path: Path, sy
 
 
 def _tree_digest(directory: Path) -> str:
+    """Names and bytes of every file below ``directory`` (DVC does not track empty directories)."""
     digest = hashlib.sha256()
-    for path in sorted(directory.rglob("*")):
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
         digest.update(str(path.relative_to(directory)).encode())
-        if path.is_file():
-            digest.update(path.read_bytes())
+        digest.update(path.read_bytes())
     return digest.hexdigest()
 
 
@@ -87,3 +87,64 @@ def test_whole_pipeline_then_a_worse_change_is_rejected(tmp_path: Path, syntheti
     assert accuracy["old"] == metrics["test"]["accuracy"] and accuracy["new"] < accuracy["old"]
     plots = dvc(project, "plots", "diff", "--json")
     assert "Confusion matrix" in plots.stdout and "reports/plots/misclassified.png" in plots.stdout
+
+
+def test_push_then_fresh_clone_and_pull_restores_everything(tmp_path: Path, synthetic_source: Path) -> None:
+    """The committed default remote (`~/.dvc-remotes/mnist-pipeline`, HOME pointed at tmp_path)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from .conftest import REPO_ROOT, tool_environment
+
+    project = make_project(tmp_path / "project", make_params_document(synthetic_source))
+    shutil.copy(REPO_ROOT / ".dvc" / "config", project / ".dvc" / "config")
+    environment = tool_environment() | {"HOME": str(tmp_path / "home")}
+
+    def run(command: list[str], cwd: Path) -> None:
+        subprocess.run(command, cwd=cwd, env=environment, check=True, capture_output=True, text=True)
+
+    run([sys.executable, "-m", "dvc", "repro"], project)
+    run(["git", "add", "-A"], project)
+    run(["git", "commit", "-q", "-m", "trained"], project)
+    run([sys.executable, "-m", "dvc", "push"], project)
+    assert (tmp_path / "home" / ".dvc-remotes" / "mnist-pipeline" / "files").is_dir()
+    clone = tmp_path / "clone"
+    run(["git", "clone", "-q", str(project), str(clone)], tmp_path)
+    assert not (clone / "models" / "candidate").exists()
+    run([sys.executable, "-m", "dvc", "pull"], clone)
+    for restored in ("data/raw", "models/candidate", "models/production", "models/registry.json"):
+        original, copy = project / restored, clone / restored
+        assert (_tree_digest(original) if original.is_dir() else original.read_bytes()) == (
+            _tree_digest(copy) if copy.is_dir() else copy.read_bytes()), restored
+    assert "up to date" in dvc(clone, "status").stdout
+    assert os.environ.get("HOME") != str(tmp_path / "home")
+
+
+def test_concurrent_repro_one_proceeds_the_other_stops_cleanly(tmp_path: Path, synthetic_source: Path) -> None:
+    import subprocess
+    import sys
+    import time
+
+    from .conftest import tool_environment
+
+    document = make_params_document(synthetic_source)
+    document["train"].update(steps=4000, steps_per_call=10, eval_every=1000, checkpoint_every=1000)
+    project = make_project(tmp_path / "project", document)
+    first = subprocess.Popen([sys.executable, "-m", "dvc", "repro"], cwd=project, env=tool_environment(),
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert first.stdout is not None
+    for line in first.stdout:  # wait until the first run is inside the train stage
+        if "Running stage 'train'" in line:
+            break
+    time.sleep(1)
+    second = dvc(project, "repro", check=False)
+    output = second.stdout + second.stderr
+    assert second.returncode != 0
+    assert "is busy, it is being blocked by" in output and "dvc" in output
+    assert "Running stage" not in output  # it stopped before running anything
+    first.stdout.read()
+    assert first.wait() == 0
+    assert "up to date" in dvc(project, "status").stdout
+    assert (project / "models" / "production" / "1").is_dir()

@@ -187,3 +187,20 @@ def test_killed_stage_resumes_to_identical_weights(tmp_path: Path, synthetic_sou
 
 def _final_state_at(root: Path) -> dict[str, np.ndarray]:
     return load_checkpoint(sorted((root / "checkpoints").glob("ckpt-*.npz"))[-1])[1]
+
+
+def test_moving_average_off_serves_the_raw_weights(params: Params, tmp_path: Path) -> None:
+    summary = _run(params, tmp_path, moving_average_decay=0.0)
+    state = _final_state(tmp_path)
+    for i in range(4):
+        assert np.array_equal(state[f"average_{i}"], state[f"weight_{i}"])
+    assert summary.validation_accuracy == summary.validation_accuracy_raw
+
+
+@pytest.mark.parametrize(("hidden_units", "activation"), [(0, "relu"), (32, "linear")])
+def test_ablated_networks_train(params: Params, tmp_path: Path, hidden_units: int, activation: str) -> None:
+    changed = params.model_copy(update={"model": params.model.model_copy(
+        update={"hidden_units": hidden_units, "activation": activation})})
+    summary = _run(changed, tmp_path, steps=100)
+    assert summary.validation_accuracy > 0.5
+    assert len(_final_state(tmp_path)) == (4 if hidden_units == 0 else 8)  # weights + averages
