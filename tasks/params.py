@@ -9,9 +9,11 @@ naming the file, the key path, the bad value and the constraint.
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import re
 import sys
+from collections.abc import Callable
 from datetime import datetime
 from functools import cache
 from pathlib import Path
@@ -246,6 +248,20 @@ def load_params(path: Path = DEFAULT_PARAMS_PATH) -> Params:
     except yaml.YAMLError as error:
         raise ParamsError(f"{path}: not valid YAML: {error}") from None
     return parse_params(raw, Path(path))
+
+
+def run_stage(argv: list[str] | None, description: str, work: Callable[[Params], object],
+              expected_errors: tuple[type[Exception], ...]) -> int:
+    """The `python -m tasks.<stage>` entry: parse --params, validate, run; errors become one line."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--params", type=Path, default=DEFAULT_PARAMS_PATH, help="the params file")
+    args = parser.parse_args(argv)
+    try:
+        work(load_params(args.params))
+    except (ParamsError, FileNotFoundError, *expected_errors) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from tasks import mnist
-from tasks.params import load_params
+from tasks.params import ParamsError, load_params
 
 
 class InputError(ValueError):
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
             for index, (digit, probability) in enumerate(zip(digits, probabilities)):
                 label = f"{path}[{index}]" if len(images) > 1 else str(path)
                 print(f"{label}: {digit} (p={probability:.3f})")
-    except (InputError, ModelLoadError) as error:
+    except (InputError, ModelLoadError, ParamsError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(f"(model: {model_dir})", file=sys.stderr)

@@ -35,7 +35,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from tasks import mnist
-from tasks.params import PromoteParams, load_params
+from tasks.params import ParamsError, PromoteParams, load_params
 
 PARAMS_SECTIONS = ("promote",)
 
@@ -183,15 +183,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--to", type=int, default=None, help="rollback: the version to restore")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = parser.parse_args(argv)
-    params = load_params(args.params)
-    paths = params.paths
     try:
+        params = load_params(args.params)
+        paths = params.paths
         if args.command == "rollback":
             rollback(Path(paths.production), Path(paths.registry), args.to, params.promote.keep_versions)
         else:
             promote_candidate(params.promote, Path(paths.candidate), Path(paths.raw_data), Path(paths.production),
                               Path(paths.registry), Path(paths.promotion), args.params)
-    except (PromotionError, mnist.DataError, FileNotFoundError) as error:
+    except (ParamsError, PromotionError, mnist.DataError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 0

@@ -20,7 +20,6 @@ does not manage, so they survive the stage being re-run.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import json
@@ -34,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from tasks import mnist
-from tasks.params import ModelParams, TrainParams, load_params
+from tasks.params import ModelParams, Params, TrainParams, run_stage
 
 PARAMS_SECTIONS = ("model", "train", "data.validation_size")
 CURVE_COLUMNS = ("step", "loss", "learning_rate", "validation_accuracy_raw", "validation_accuracy")
@@ -267,19 +266,14 @@ def train_model(model: ModelParams, train: TrainParams, validation_size: int, da
     return summary
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    args = parser.parse_args(argv)
-    params = load_params(args.params)
+def _train_from_params(params: Params) -> TrainSummary:
     paths = params.paths
-    try:
-        train_model(params.model, params.train, params.data.validation_size, Path(paths.raw_data),
-                    Path(paths.candidate), Path(paths.train_reports), Path(paths.checkpoints))
-    except (TrainingDiverged, mnist.DataError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    return 0
+    return train_model(params.model, params.train, params.data.validation_size, Path(paths.raw_data),
+                       Path(paths.candidate), Path(paths.train_reports), Path(paths.checkpoints))
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_stage(argv, __doc__.split("\n")[0], _train_from_params, (TrainingDiverged, mnist.DataError))
 
 
 if __name__ == "__main__":

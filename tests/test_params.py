@@ -121,3 +121,16 @@ def test_check_command_runs_as_a_module(tmp_path: Path) -> None:
                             cwd=REPO_ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "params.yaml: ok" in result.stdout
+
+
+@pytest.mark.parametrize("stage", ["download", "train", "evaluate", "promote"])
+def test_stage_commands_refuse_bad_params_with_one_clear_line(stage: str, tmp_path: Path) -> None:
+    document = base_params_document()
+    document["promote"]["min_acuracy"] = document["promote"].pop("min_accuracy")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(document))
+    result = subprocess.run([sys.executable, "-m", f"tasks.{stage}"], cwd=tmp_path, capture_output=True, text=True,
+                            env={"PYTHONPATH": str(REPO_ROOT), "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 1
+    assert "promote.min_acuracy: unknown key (did you mean 'min_accuracy'?)" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "data").exists() and not (tmp_path / "models").exists()
