@@ -14,6 +14,17 @@ from tasks import model as network
 from tasks.params import ModelParams, TrainParams
 
 
+def _apply_in_place(variable: tf.Variable, rate: tf.Tensor, delta: tf.Tensor) -> None:
+    """``variable -= rate * delta`` as one fused kernel that writes into the variable's buffer.
+
+    Bit for bit what ``variable.assign_sub(rate * delta)`` computes, without the temporary
+    ``rate * delta``: one pass over W1 (784 x 500) instead of two, and one thread-pool hand-off
+    instead of two. Used for the SGD step and the moving average, it makes a step ~10% faster
+    on 2 cores (bench/train_speed.py).
+    """
+    tf.raw_ops.ResourceApplyGradientDescent(var=variable.handle, alpha=rate, delta=delta)
+
+
 class Trainer(tf.Module):
     def __init__(self, model: ModelParams, train: TrainParams, images: np.ndarray, labels: np.ndarray,
                  decay_steps: int) -> None:
@@ -51,11 +62,14 @@ class Trainer(tf.Module):
         exponent = tf.cast(step // h["decay_steps"], tf.float64)  # staircase
         rate = tf.cast(h["learning_rate"] * tf.pow(h["learning_rate_decay"], exponent), tf.float32)
         for weights, gradient in zip(self.weights, gradients):
-            weights.assign_sub(rate * gradient)
+            _apply_in_place(weights, rate, gradient)  # w -= rate * gradient, bit for bit
         steps_seen = tf.cast(step, tf.float64)
         decay = tf.cast(tf.minimum(h["moving_average_decay"], (1.0 + steps_seen) / (10.0 + steps_seen)), tf.float32)
+        # tf.train.ExponentialMovingAverage's own update, average -= (1 - decay) * (average - weights):
+        # two passes over each variable where decay * average + (1 - decay) * weights takes three.
+        # Same math; the averages round differently in the last bit, weights and losses do not change.
         for average, weights in zip(self.averages, self.weights):
-            average.assign(decay * average + (1.0 - decay) * weights)
+            _apply_in_place(average, 1.0 - decay, average - weights)
         self.step.assign_add(1)
         return loss
 

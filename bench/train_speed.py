@@ -1,0 +1,189 @@
+"""Training speed: our fused ``Trainer.run_steps`` against Keras ``model.fit``, side by side.
+
+Both train the seed's network with the hyperparameters of ``params.yaml`` on the real MNIST
+training split (random data of the same shape, with a warning, when ``data/raw`` is missing):
+784-500-10 ReLU MLP, truncated-normal init, plain SGD at batch 100 with the staircase
+exponential learning-rate decay, L2 on the weight matrices (Keras ``L2(l2_rate / 2)`` is
+``l2_rate * sum(W^2) / 2``, our ``l2_rate * tf.nn.l2_loss``), mean sparse cross-entropy from
+logits, and an exponential moving average of the weights after every step (Keras
+``SGD(use_ema=True, ema_momentum=moving_average_decay)``; Keras skips our short EMA warm-up,
+which costs nothing either way).
+
+Measured, in one process so both share the same TensorFlow thread pools:
+
+* ``keras fit``: ``model.fit`` on the numpy arrays (``batch_size``, ``shuffle=True``, default
+  ``steps_per_execution=1``, ``jit_compile="auto"`` which is off on CPU): the idiomatic loop.
+* ``ours``: ``Trainer.run_steps`` in chunks of ``train.steps_per_call`` steps, batch order
+  from ``tasks.train.BatchOrder`` (its cost is included, like Keras's shuffling).
+* ``ours, 1 step/call`` (context): the same graph called once per step from Python, which
+  shows what per-step dispatch costs.
+
+Each is warmed up first (tracing, one epoch for Keras, one call for ours), then timed over
+``--epochs`` epochs (550 steps each) per round; the measurements alternate for ``--rounds``
+rounds, in a rotating order, so that background load hits all of them alike (on a shared
+2-core machine it moves every few seconds, hence many short rounds rather than a few long
+ones). Keras is timed from the start of its first timed epoch to the end of its last (a
+callback), which leaves out ``fit``'s per-call set-up. Reported: best and median steps/s,
+the peak RSS of the process after each set-up, the median of the per-round ratios (ours /
+Keras in the same round), and as the last line ``ratio_vs_keras_fit=<best ours / best keras>``.
+
+    python bench/train_speed.py [--rounds 8] [--epochs 1] [--threads 0] [--no-per-step]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's start-up chatter out of the table
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from tasks import mnist  # noqa: E402
+from tasks.params import ModelParams, TrainParams, load_params  # noqa: E402
+from tasks.train import BatchOrder, decay_steps_for  # noqa: E402
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def load_training(raw_data: Path, validation_size: int) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        split = mnist.load_split(raw_data, "train", validation_size)
+        return split.images, split.labels
+    except (FileNotFoundError, mnist.DataError) as error:
+        print(f"WARNING: no MNIST in {raw_data} ({error}); timing random data of the same shape instead")
+        rng = np.random.default_rng(0)
+        images = rng.integers(0, 256, (60_000 - validation_size, 784), dtype=np.uint8).astype(np.float32) / 255
+        return images, rng.integers(0, 10, len(images)).astype(np.int32)
+
+
+def keras_model(model: ModelParams, train: TrainParams, decay_steps: int):
+    import keras
+
+    def dense(units: int, activation: str | None):
+        return keras.layers.Dense(
+            units, activation=activation,
+            kernel_initializer=keras.initializers.TruncatedNormal(stddev=model.init_stddev, seed=train.seed),
+            kernel_regularizer=keras.regularizers.L2(train.l2_rate / 2),  # = l2_rate * sum(W^2) / 2
+        )
+
+    layers = [keras.Input((784,)), dense(model.hidden_units, model.activation), dense(10, None)]
+    network = keras.Sequential(layers if model.hidden_units else [layers[0], layers[2]])
+    schedule = keras.optimizers.schedules.ExponentialDecay(
+        train.learning_rate, decay_steps, train.learning_rate_decay, staircase=True)
+    network.compile(
+        optimizer=keras.optimizers.SGD(schedule, use_ema=True, ema_momentum=train.moving_average_decay),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    return network
+
+
+def keras_runner(model: ModelParams, train: TrainParams, images: np.ndarray, labels: np.ndarray,
+                 decay_steps: int, epochs: int) -> Callable[[], float]:
+    """Build, compile and warm up (one epoch); return a function timing ``epochs`` epochs of fit."""
+    import keras
+
+    network = keras_model(model, train, decay_steps)
+    fit = dict(x=images, y=labels, batch_size=train.batch_size, shuffle=True, verbose=0)
+    network.fit(epochs=1, **fit)
+
+    class EpochClock(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+            if epoch == 0:
+                self.started = time.perf_counter()
+
+        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+            self.ended = time.perf_counter()
+
+    def run() -> float:
+        clock = EpochClock()
+        network.fit(epochs=epochs, callbacks=[clock], **fit)
+        return epochs * (len(labels) // train.batch_size) / (clock.ended - clock.started)
+
+    return run
+
+
+def trainer_runner(model: ModelParams, train: TrainParams, images: np.ndarray, labels: np.ndarray,
+                   decay_steps: int, steps: int, per_call: int) -> Callable[[], float]:
+    """A Trainer warmed up by one call; return a function timing ``steps`` steps, ``per_call`` a call."""
+    from tasks.trainer import Trainer
+
+    trainer = Trainer(model, train, images, labels, decay_steps)
+    order = BatchOrder(len(labels), train.batch_size, train.seed)
+    trainer.run_steps(order.batches(0, per_call))
+
+    def run() -> float:
+        first = trainer.current_step()
+        started = time.perf_counter()
+        for step in range(first, first + steps, per_call):
+            trainer.run_steps(order.batches(step, min(per_call, first + steps - step)))
+        return steps / (time.perf_counter() - started)
+
+    return run
+
+
+def configure_threads(threads: int) -> str:
+    """Set both TensorFlow pools (before any op runs); 0 keeps TensorFlow's default, one per core."""
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    tf.config.threading.set_inter_op_parallelism_threads(threads)
+    shown = threads or f"default ({os.cpu_count()} cores)"
+    return f"TensorFlow threads: intra-op {shown}, inter-op {shown}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=8, help="timed repetitions of each measurement")
+    parser.add_argument("--epochs", type=int, default=1, help="epochs (of 550 steps) per timed measurement")
+    parser.add_argument("--threads", type=int, default=0, help="intra- and inter-op threads; 0 = TF default")
+    parser.add_argument("--no-per-step", action="store_true", help="skip the 1-step-per-call context row")
+    parser.add_argument("--params", type=Path, default=ROOT / "params.yaml")
+    args = parser.parse_args(argv)
+
+    print(configure_threads(args.threads))
+    print(f"TF {tf.__version__}, TF_ENABLE_ONEDNN_OPTS={os.environ.get('TF_ENABLE_ONEDNN_OPTS', 'unset (on)')}")
+    params = load_params(args.params)
+    model, train = params.model, params.train
+    images, labels = load_training(ROOT / params.paths.raw_data, params.data.validation_size)
+    decay_steps = decay_steps_for(train, len(labels))
+    steps = args.epochs * (len(labels) // train.batch_size)
+    print(f"{len(labels)} training examples, batch {train.batch_size}, {steps} timed steps per round, "
+          f"{args.rounds} rounds; peak RSS after loading data {peak_rss_mib():.0f} MiB")
+
+    runners: dict[str, Callable[[], float]] = {}
+    runners["keras fit"] = keras_runner(model, train, images, labels, decay_steps, args.epochs)
+    print(f"peak RSS after Keras set-up {peak_rss_mib():.0f} MiB")
+    runners["ours"] = trainer_runner(model, train, images, labels, decay_steps, steps, train.steps_per_call)
+    print(f"peak RSS after Trainer set-up {peak_rss_mib():.0f} MiB")
+    if not args.no_per_step:
+        runners["ours, 1 step/call"] = trainer_runner(model, train, images, labels, decay_steps, steps, 1)
+
+    rates: dict[str, list[float]] = {name: [] for name in runners}
+    names = list(runners)
+    for round_ in range(args.rounds):
+        for name in names[round_ % len(names):] + names[: round_ % len(names)]:  # rotate the order
+            rates[name].append(runners[name]())
+        print(f"  round {round_ + 1}: " + " | ".join(f"{name} {rates[name][-1]:.1f}" for name in names), flush=True)
+
+    print(f"\n{'':<18} {'best':>8} {'median':>8}  steps/s")
+    for name, values in rates.items():
+        print(f"{name:<18} {max(values):8.1f} {statistics.median(values):8.1f}")
+    paired = statistics.median(ours / keras for ours, keras in zip(rates["ours"], rates["keras fit"]))
+    print(f"peak RSS {peak_rss_mib():.0f} MiB (whole process: data, Keras and our Trainers)")
+    print(f"ours / keras fit: median of per-round ratios {paired:.2f}")
+    print(f"ratio_vs_keras_fit={max(rates['ours']) / max(rates['keras fit']):.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
