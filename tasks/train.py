@@ -47,6 +47,9 @@ class TrainingDiverged(RuntimeError):
 
 @dataclass(frozen=True)
 class TrainSummary:
+    """``seconds`` and ``steps_per_second`` cover the whole run, across resumed sessions;
+    ``final_loss`` is the mean training loss over the last curve interval."""
+
     steps: int
     resumed_from_step: int
     seconds: float
@@ -124,9 +127,11 @@ def _checkpoint_path(directory: Path, step: int) -> Path:
 
 
 def save_checkpoint(directory: Path, step: int, fingerprint: str, state: dict[str, np.ndarray],
-                    curve: list[tuple[float, ...]], keep: int) -> None:
+                    curve: list[tuple[float, ...]], keep: int, seconds: float) -> None:
+    """``seconds``: training time up to ``step``, over every session, so a resumed run reports
+    the speed of the whole run."""
     buffer = io.BytesIO()
-    np.savez(buffer, step=np.int64(step), fingerprint=np.str_(fingerprint),
+    np.savez(buffer, step=np.int64(step), fingerprint=np.str_(fingerprint), seconds=np.float64(seconds),
              curve=np.asarray(curve, dtype=np.float64).reshape(-1, len(CURVE_COLUMNS)), **state)
     mnist.write_bytes_atomic(_checkpoint_path(directory, step), buffer.getvalue())
     for old in sorted(directory.glob("ckpt-*.npz"))[:-keep]:
@@ -150,11 +155,12 @@ def find_checkpoint(directory: Path, fingerprint: str, max_step: int) -> tuple[P
     return None, notes
 
 
-def load_checkpoint(path: Path) -> tuple[int, dict[str, np.ndarray], list[tuple[float, ...]]]:
+def load_checkpoint(path: Path) -> tuple[int, dict[str, np.ndarray], list[tuple[float, ...]], float]:
+    """(step, variables, curve so far, training seconds so far)."""
     with np.load(path, allow_pickle=False) as stored:
-        state = {key: stored[key] for key in stored.files if key not in ("step", "fingerprint", "curve")}
+        state = {key: stored[key] for key in stored.files if key not in ("step", "fingerprint", "curve", "seconds")}
         curve = [tuple(row) for row in stored["curve"].tolist()]
-        return int(stored["step"]), state, curve
+        return int(stored["step"]), state, curve, float(stored["seconds"])
 
 
 # --- the loop ------------------------------------------------------------------------------
@@ -187,22 +193,25 @@ def _progress(step: int, total: int, started: float, first_step: int, row: tuple
 
 
 def run_training(trainer, order: BatchOrder, train: TrainParams, validation: mnist.Split, decay_steps: int,
-                 checkpoints: Path, fingerprint: str, curve: list[tuple[float, ...]]) -> tuple[float, float]:
-    """Train from the trainer's current step to ``train.steps``; return (seconds, last loss)."""
+                 checkpoints: Path, fingerprint: str, curve: list[tuple[float, ...]],
+                 seconds_before: float) -> float:
+    """Train from the trainer's current step to ``train.steps``; return the training seconds of
+    the whole run (this session plus ``seconds_before``)."""
     step = first_step = trainer.current_step()
-    started, last_loss = time.perf_counter(), float("nan")
+    started = time.perf_counter()
     while step < train.steps:
         stop = _next_stop(step, train)
         losses = trainer.run_steps(order.batches(step, stop - step))
         _check_finite(losses, step, train, decay_steps)
-        step, last_loss = stop, float(losses[-1])
+        step = stop
         if step % train.eval_every == 0 or step == train.steps:
             raw, averaged = trainer.accuracy(validation.images, validation.labels)
             curve.append((step, float(losses.mean()), learning_rate_at(step - 1, train, decay_steps), raw, averaged))
             _progress(step, train.steps, started, first_step, curve[-1])
         if step % train.checkpoint_every == 0 or step == train.steps:
-            save_checkpoint(checkpoints, step, fingerprint, trainer.state(), curve, train.keep_checkpoints)
-    return time.perf_counter() - started, last_loss
+            save_checkpoint(checkpoints, step, fingerprint, trainer.state(), curve, train.keep_checkpoints,
+                            seconds_before + time.perf_counter() - started)
+    return seconds_before + time.perf_counter() - started
 
 
 def _write_reports(reports_dir: Path, curve: list[tuple[float, ...]], summary: TrainSummary) -> None:
@@ -222,7 +231,8 @@ def _export_atomically(trainer, candidate_dir: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _restore(trainer, checkpoints: Path, fingerprint: str, train: TrainParams) -> list[tuple[float, ...]]:
+def _restore(trainer, checkpoints: Path, fingerprint: str, train: TrainParams) -> tuple[list, float]:
+    """Load the newest matching checkpoint into ``trainer``; return (curve so far, seconds so far)."""
     checkpoints.mkdir(parents=True, exist_ok=True)
     found, notes = find_checkpoint(checkpoints, fingerprint, train.steps)
     for note in notes:
@@ -234,11 +244,11 @@ def _restore(trainer, checkpoints: Path, fingerprint: str, train: TrainParams) -
                 stale.unlink(missing_ok=True)
         else:
             print("train: no checkpoint; starting from step 0", flush=True)
-        return []
-    step, state, curve = load_checkpoint(found)
+        return [], 0.0
+    step, state, curve, seconds = load_checkpoint(found)
     trainer.restore(step, state)
     print(f"train: resuming from {found} (step {step} of {train.steps})", flush=True)
-    return curve
+    return curve, seconds
 
 
 def train_model(model: ModelParams, train: TrainParams, validation_size: int, data_dir: Path,
@@ -249,16 +259,15 @@ def train_model(model: ModelParams, train: TrainParams, validation_size: int, da
     decay_steps = decay_steps_for(train, len(training.labels))
     trainer = _build_trainer(model, train, training.images, training.labels, decay_steps)
     fingerprint = run_fingerprint(model, train, validation_size, data_fingerprint(data_dir))
-    curve = _restore(trainer, Path(checkpoints), fingerprint, train)
+    curve, seconds_before = _restore(trainer, Path(checkpoints), fingerprint, train)
     first_step = trainer.current_step()
     order = BatchOrder(len(training.labels), train.batch_size, train.seed)
-    seconds, last_loss = run_training(trainer, order, train, validation, decay_steps, Path(checkpoints),
-                                      fingerprint, curve)
+    seconds = run_training(trainer, order, train, validation, decay_steps, Path(checkpoints),
+                           fingerprint, curve, seconds_before)
     raw, averaged = trainer.accuracy(validation.images, validation.labels)
-    steps_run = train.steps - first_step
     summary = TrainSummary(steps=train.steps, resumed_from_step=first_step, seconds=round(seconds, 3),
-                           steps_per_second=round(steps_run / seconds, 1) if seconds > 0 else 0.0,
-                           final_loss=last_loss, validation_accuracy_raw=raw, validation_accuracy=averaged)
+                           steps_per_second=round(train.steps / seconds, 1) if seconds > 0 else 0.0,
+                           final_loss=curve[-1][1], validation_accuracy_raw=raw, validation_accuracy=averaged)
     _export_atomically(trainer, Path(candidate_dir))
     _write_reports(Path(reports_dir), curve, summary)
     print(f"train: {summary.steps} steps, {summary.steps_per_second} steps/s; validation accuracy "
