@@ -47,3 +47,19 @@ def test_queued_experiments_run_and_fill_the_table(tmp_path: Path, synthetic_sou
     shown = dvc(project, "exp", "show", "--csv").stdout
     assert "no-hidden-layer" in shown and "all-optimisations" in shown
     assert not (project / "models" / "production").exists()  # experiments stop at evaluate
+
+
+def test_failed_experiments_are_reported_as_failed_not_with_baseline_metrics() -> None:
+    from tasks.experiments import rows_from_exp_show
+
+    metrics = {"reports/metrics.json": {"data": {"test": {"accuracy": 0.98, "accuracy_raw": 0.97, "errors": 200},
+                                                 "train": {"steps_per_second": 300.0}}}}
+    exp_show = [{"rev": "workspace", "experiments": None},
+                {"rev": "abc", "experiments": [
+                    {"revs": [{"name": "no-activation", "error": {"msg": "Experiment run failed"},
+                               "data": {"metrics": metrics}}]},
+                    {"revs": [{"name": "all-optimisations", "data": {"metrics": metrics}}]}]}]
+    rows = rows_from_exp_show(exp_show, ["all-optimisations", "no-activation"])
+    assert rows[0] == {"variant": "all-optimisations", "test.accuracy": 0.98, "test.accuracy_raw": 0.97,
+                       "test.errors": 200, "train.steps_per_second": 300.0}
+    assert rows[1] == {"variant": "no-activation", "test.accuracy": "failed: `dvc queue logs no-activation`"}
