@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tasks import download, mnist
+from tasks import download
 from tasks.params import IDX_FILE_NAMES, parse_params
 
 from .conftest import make_params_document, synthetic_arrays
@@ -221,4 +221,3 @@ def test_main_reports_failure(tmp_path: Path, synthetic_source: Path, monkeypatc
     assert download.main([]) == 1
     assert "no source delivered verified MNIST" in capsys.readouterr().err
     assert not (tmp_path / "data" / "raw").exists()
-    assert mnist.IMAGE_SIDE == 28

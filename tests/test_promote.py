@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tasks import model as network
-from tasks.params import Params, PromoteParams, parse_params
+from tasks.params import PromoteParams, parse_params
 from tasks.promote import PromotionError, promote_candidate, publish, rollback, versions
 from tasks.train import train_model
 
@@ -167,7 +167,3 @@ def test_publish_killed_midway_leaves_only_complete_versions(models: dict[str, P
     publish(models["bad"], production, 5)  # the next publish cleans up what the killed one left
     assert sorted(p.name for p in production.iterdir()) == ["1", "2"]
     assert before != _tree_digest(production)
-
-
-def test_params_sections(params: Params) -> None:
-    assert params.promote.min_accuracy == 0.5
