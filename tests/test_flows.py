@@ -80,7 +80,8 @@ def _comparable_lock(project: Path) -> dict:
 def test_flow_runs_every_stage_then_skips_them_all(server: PrefectServer, tmp_path: Path,
                                                     synthetic_source: Path) -> None:
     document = make_params_document(synthetic_source)
-    project = make_project(tmp_path / "flow", document)
+    project = make_project(tmp_path / "flow", document | {"schedule": document["schedule"] | {"push": True}})
+    dvc(project, "remote", "add", "--local", "-d", "store", str(tmp_path / "remote"))
     first = _run_flow(project, server)
     assert first.returncode == 0, first.stdout + first.stderr
     assert "Running stage 'train'" in first.stdout + first.stderr  # stage output streamed into the run log
@@ -91,13 +92,14 @@ def test_flow_runs_every_stage_then_skips_them_all(server: PrefectServer, tmp_pa
     artifacts = _api(server, lambda client: client.read_artifacts())
     assert {"evaluation-metrics", "promotion-decision"} <= {artifact.key for artifact in artifacts}
     assert json.loads((project / "reports" / "promotion.json").read_text())["version"] == 1
+    assert any((tmp_path / "remote" / "files").rglob("*")), "schedule.push did not push to the remote"
 
     second = _run_flow(project, server)
     assert second.returncode == 0, second.stdout + second.stderr
     _, tasks = _api(server, _latest_flow_run_tasks)
     assert {task.state_name for task in tasks.values()} == {"Skipped"} and len(tasks) == 4
 
-    twin = make_project(tmp_path / "repro", document)
+    twin = make_project(tmp_path / "repro", document | {"schedule": document["schedule"] | {"push": True}})
     dvc(twin, "repro")
     assert _comparable_lock(twin) == _comparable_lock(project)
     assert "up to date" in dvc(project, "status").stdout
