@@ -6,6 +6,12 @@ counts, and `make_params` derives a valid params document from the repository's 
 
 from __future__ import annotations
 
+# Prefect configures logging with dictConfig when first imported, which closes every existing
+# handler; absl's handler (created when TensorFlow loads) then closes the stream it holds, which
+# under pytest is the capture file, and the session dies with "I/O operation on closed file".
+# Importing Prefect first, before any test module loads TensorFlow, keeps the order harmless.
+from prefect import flow  # noqa: F401  isort: skip  (loads prefect.flows, which sets up logging)
+
 import copy
 import hashlib
 import os
