@@ -197,12 +197,23 @@ def test_scheduled_deployment_registers_runs_and_never_overlaps(server: PrefectS
         assert first.end_time <= second.start_time, "two runs of the deployment overlapped"
         assert (project / "models" / "production" / "1" / "saved_model.pb").is_file()
     finally:
-        serving.send_signal(signal.SIGINT)
-        serving.wait(60)
+        _stop(serving)
+    stopped = _api(server, _deployment)
+    assert stopped.schedules[0].active and not stopped.paused  # serving stopped; the schedule did not
     restarted = _start_serving(project, server)  # the schedule survives a restart of the serving process
     try:
-        again = _wait_for(lambda: _api(server, _deployment), 60, "the deployment after a restart")
+        again = _wait_for(lambda: (d := _api(server, _deployment)) and d.updated > stopped.updated and d, 120,
+                          "the restarted process to register the deployment again")
         assert again.id == deployment.id and again.schedules[0].active and not again.paused
     finally:
-        restarted.send_signal(signal.SIGINT)
-        restarted.wait(60)
+        _stop(restarted)
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """Ctrl-C, as an operator would; a process still busy starting up may miss it, so then kill."""
+    process.send_signal(signal.SIGINT)
+    try:
+        process.wait(30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
