@@ -123,11 +123,20 @@ def _fingerprint(paths: list[Path]) -> str:
     return digest.hexdigest()[:16]
 
 
-def append_registry(registry: Path, entry: dict) -> None:
-    """Append one entry; the file is rewritten whole through a temporary file and a rename."""
-    history = json.loads(registry.read_text()) if registry.exists() else []
+def read_registry(registry: Path) -> list:
+    """The history so far; a damaged file is an error, never silently replaced."""
+    try:
+        history = json.loads(registry.read_text()) if registry.exists() else []
+    except (ValueError, UnicodeDecodeError) as error:
+        raise PromotionError(f"{registry} is not valid JSON ({error}); refusing to overwrite it") from None
     if not isinstance(history, list):
         raise PromotionError(f"{registry} is not a JSON list; refusing to overwrite it")
+    return history
+
+
+def append_registry(registry: Path, entry: dict) -> None:
+    """Append one entry; the file is rewritten whole through a temporary file and a rename."""
+    history = read_registry(registry)
     history.append(entry)
     mnist.write_bytes_atomic(registry, (json.dumps(history, indent=2) + "\n").encode())
 
@@ -144,6 +153,7 @@ def promote_candidate(promote: PromoteParams, candidate_dir: Path, data_dir: Pat
     """Judge the candidate against the thresholds and the re-evaluated champion; publish if blessed."""
     from tasks.model import ModelLoadError
 
+    read_registry(registry)  # a damaged history stops us before anything is published
     test = mnist.load_split(data_dir, "test", validation_size=0)
     champion_version, champion, note = _champion(production, test)
     try:

@@ -167,3 +167,20 @@ def test_publish_killed_midway_leaves_only_complete_versions(models: dict[str, P
     publish(models["bad"], production, 5)  # the next publish cleans up what the killed one left
     assert sorted(p.name for p in production.iterdir()) == ["1", "2"]
     assert before != _tree_digest(production)
+
+
+def test_corrupt_registry_is_a_clear_error_and_left_alone(tmp_path: Path) -> None:
+    from tasks.promote import append_registry
+
+    registry = tmp_path / "registry.json"
+    registry.write_text('[{"action": "promote"')  # truncated by hand
+    with pytest.raises(PromotionError, match="is not valid JSON"):
+        append_registry(registry, {"action": "rollback"})
+    assert registry.read_text() == '[{"action": "promote"'
+
+
+def test_corrupt_registry_stops_promotion_before_publishing(models: dict[str, Path], tmp_path: Path) -> None:
+    (tmp_path / "registry.json").write_text("not json")
+    with pytest.raises(PromotionError, match="is not valid JSON"):
+        _promote(models, tmp_path, "good")
+    assert versions(tmp_path / "production") == []
