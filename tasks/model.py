@@ -49,16 +49,26 @@ def initial_values(model: ModelParams, seed: int) -> list[tf.Tensor]:
     return values
 
 
+def layers(variables: Sequence[tf.Tensor]) -> list[tuple[tf.Tensor, tf.Tensor]]:
+    """(weights, biases) of each layer, input layer first."""
+    return list(zip(variables[0::2], variables[1::2]))
+
+
+def forward(images: tf.Tensor, variables: Sequence[tf.Tensor], activation: str) -> tuple[list[tf.Tensor], tf.Tensor]:
+    """The seed's forward pass on float images (n, 784): the input of every layer, and the logits.
+
+    The layer inputs are what the trainer's hand-written backward pass needs."""
+    inputs = [images]
+    for weights, biases in layers(variables)[:-1]:
+        hidden = tf.nn.bias_add(tf.matmul(inputs[-1], weights), biases)
+        inputs.append(tf.nn.relu(hidden) if activation == "relu" else hidden)
+    weights, biases = layers(variables)[-1]
+    return inputs, tf.nn.bias_add(tf.matmul(inputs[-1], weights), biases)
+
+
 def inference(images: tf.Tensor, variables: Sequence[tf.Tensor], activation: str) -> tf.Tensor:
-    """Logits of float images (n, 784): the seed's forward pass."""
-    hidden = images
-    pairs = list(zip(variables[0::2], variables[1::2]))
-    for weights, biases in pairs[:-1]:
-        hidden = tf.matmul(hidden, weights) + biases
-        if activation == "relu":
-            hidden = tf.nn.relu(hidden)
-    weights, biases = pairs[-1]
-    return tf.matmul(hidden, weights) + biases
+    """Logits of float images (n, 784): the seed's mnist_inference."""
+    return forward(images, variables, activation)[1]
 
 
 def weight_matrices(variables: Sequence[tf.Variable]) -> list[tf.Variable]:

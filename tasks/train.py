@@ -48,7 +48,8 @@ class TrainingDiverged(RuntimeError):
 @dataclass(frozen=True)
 class TrainSummary:
     """``seconds`` and ``steps_per_second`` cover the whole run, across resumed sessions;
-    ``final_loss`` is the mean training loss over the last curve interval."""
+    ``final_loss`` is the training loss at the last curve point: the mean batch cross-entropy of
+    the steps since the previous graph call, plus the L2 penalty at that point."""
 
     steps: int
     resumed_from_step: int
@@ -206,7 +207,8 @@ def run_training(trainer, order: BatchOrder, train: TrainParams, validation: mni
         step = stop
         if step % train.eval_every == 0 or step == train.steps:
             raw, averaged = trainer.accuracy(validation.images, validation.labels)
-            curve.append((step, float(losses.mean()), learning_rate_at(step - 1, train, decay_steps), raw, averaged))
+            loss = float(losses.mean()) + trainer.penalty()  # the penalty moves slowly: taken once, here
+            curve.append((step, loss, learning_rate_at(step - 1, train, decay_steps), raw, averaged))
             _progress(step, train.steps, started, first_step, curve[-1])
         if step % train.checkpoint_every == 0 or step == train.steps:
             save_checkpoint(checkpoints, step, fingerprint, trainer.state(), curve, train.keep_checkpoints,
