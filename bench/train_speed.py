@@ -27,7 +27,7 @@ callback), which leaves out ``fit``'s per-call set-up. Reported: best and median
 the peak RSS of the process after each set-up, the median of the per-round ratios (ours /
 Keras in the same round), and as the last line ``ratio_vs_keras_fit=<best ours / best keras>``.
 
-    python bench/train_speed.py [--rounds 8] [--epochs 1] [--threads 0] [--no-per-step]
+    python bench/train_speed.py [--rounds 8] [--epochs 1] [--threads 0] [--inter-op-threads 0] [--no-per-step]
 """
 
 from __future__ import annotations
@@ -133,24 +133,25 @@ def trainer_runner(model: ModelParams, train: TrainParams, images: np.ndarray, l
     return run
 
 
-def configure_threads(threads: int) -> str:
-    """Set both TensorFlow pools (before any op runs); 0 keeps TensorFlow's default, one per core."""
-    tf.config.threading.set_intra_op_parallelism_threads(threads)
-    tf.config.threading.set_inter_op_parallelism_threads(threads)
-    shown = threads or f"default ({os.cpu_count()} cores)"
-    return f"TensorFlow threads: intra-op {shown}, inter-op {shown}"
+def configure_threads(intra_op: int, inter_op: int) -> str:
+    """Set TensorFlow's two thread pools (before any op runs); 0 keeps TensorFlow's default, one per core."""
+    tf.config.threading.set_intra_op_parallelism_threads(intra_op)
+    tf.config.threading.set_inter_op_parallelism_threads(inter_op)
+    default = f"default ({os.cpu_count()} cores)"
+    return f"TensorFlow threads: intra-op {intra_op or default}, inter-op {inter_op or default}"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=8, help="timed repetitions of each measurement")
     parser.add_argument("--epochs", type=int, default=1, help="epochs (of 550 steps) per timed measurement")
-    parser.add_argument("--threads", type=int, default=0, help="intra- and inter-op threads; 0 = TF default")
+    parser.add_argument("--threads", type=int, default=0, help="intra-op threads; 0 = TF default")
+    parser.add_argument("--inter-op-threads", type=int, default=0, help="inter-op threads; 0 = TF default")
     parser.add_argument("--no-per-step", action="store_true", help="skip the 1-step-per-call context row")
     parser.add_argument("--params", type=Path, default=ROOT / "params.yaml")
     args = parser.parse_args(argv)
 
-    print(configure_threads(args.threads))
+    print(configure_threads(args.threads, args.inter_op_threads))
     print(f"TF {tf.__version__}, TF_ENABLE_ONEDNN_OPTS={os.environ.get('TF_ENABLE_ONEDNN_OPTS', 'unset (on)')}")
     params = load_params(args.params)
     model, train = params.model, params.train
