@@ -17,6 +17,12 @@ Measured, in one process so both share the same TensorFlow thread pools:
   from ``tasks.train.BatchOrder`` (its cost is included, like Keras's shuffling).
 * ``ours, 1 step/call`` (context): the same graph called once per step from Python, which
   shows what per-step dispatch costs.
+* ``floor`` (context): a bound no faithful trainer of this model can beat on the machine at
+  hand. A graph loop doing, per step, only the work the seed's algorithm cannot skip on W1:
+  the two big matmuls (``x @ W1`` and the ``x^T @ delta`` of W1's gradient), W1's in-place
+  SGD update that the next step waits for, and W1's moving-average update (overlapped with
+  the forward pass, as ours is). No second layer, biases, softmax, L2 term or loss. So
+  ``floor / keras fit`` is the highest ``ratio_vs_keras_fit`` any trainer could print here.
 
 Each is warmed up first (tracing, one epoch for Keras, one call for ours), then timed over
 ``--epochs`` epochs (550 steps each) per round; the measurements alternate for ``--rounds``
@@ -25,9 +31,11 @@ rounds, in a rotating order, so that background load hits all of them alike (on 
 ones). Keras is timed from the start of its first timed epoch to the end of its last (a
 callback), which leaves out ``fit``'s per-call set-up. Reported: best and median steps/s,
 the peak RSS of the process after each set-up, the median of the per-round ratios (ours /
-Keras in the same round), and as the last line ``ratio_vs_keras_fit=<best ours / best keras>``.
+Keras in the same round), ``floor / keras fit`` (best / best), and as the last line
+``ratio_vs_keras_fit=<best ours / best keras>``.
 
     python bench/train_speed.py [--rounds 8] [--epochs 1] [--threads 0] [--inter-op-threads 0] [--no-per-step]
+        [--no-floor] [--params params.yaml] [--raw-data data/raw]
 """
 
 from __future__ import annotations
@@ -133,6 +141,39 @@ def trainer_runner(model: ModelParams, train: TrainParams, images: np.ndarray, l
     return run
 
 
+def floor_runner(images: np.ndarray, labels: np.ndarray, train: TrainParams, hidden_units: int,
+                 steps: int, per_call: int) -> Callable[[], float]:
+    """The ``floor`` row: per step, the matmuls and the two updates of W1 every step of the seed's needs."""
+    data = tf.constant(images, tf.float32)
+    weights = tf.Variable(tf.random.stateless_truncated_normal([784, hidden_units], seed=[train.seed, 0], stddev=0.1))
+    average = tf.Variable(weights)
+    rate = tf.constant(1e-6)  # tiny, so the weights stay finite however long it runs
+    average_rate = tf.constant(1.0 - train.moving_average_decay)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None], tf.int32)])
+    def run_steps(batches: tf.Tensor) -> tf.Tensor:
+        for i in tf.range(tf.shape(batches)[0]):
+            tf.raw_ops.ResourceApplyGradientDescent(var=average.handle, alpha=average_rate, delta=average - weights)
+            inputs = tf.gather(data, batches[i])
+            delta = tf.matmul(inputs, weights) * 1e-3  # stands in for the backward pass: needs the forward
+            tf.raw_ops.ResourceApplyGradientDescent(
+                var=weights.handle, alpha=rate, delta=tf.matmul(inputs, delta, transpose_a=True))
+        return weights[0, 0]
+
+    order = BatchOrder(len(labels), train.batch_size, train.seed)
+    run_steps(order.batches(0, per_call)).numpy()
+    step = [per_call]
+
+    def run() -> float:
+        started = time.perf_counter()
+        for first in range(step[0], step[0] + steps, per_call):
+            run_steps(order.batches(first, min(per_call, step[0] + steps - first))).numpy()
+        step[0] += steps
+        return steps / (time.perf_counter() - started)
+
+    return run
+
+
 def configure_threads(intra_op: int, inter_op: int) -> str:
     """Set TensorFlow's two thread pools (before any op runs); 0 keeps TensorFlow's default, one per core."""
     tf.config.threading.set_intra_op_parallelism_threads(intra_op)
@@ -148,14 +189,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="intra-op threads; 0 = TF default")
     parser.add_argument("--inter-op-threads", type=int, default=0, help="inter-op threads; 0 = TF default")
     parser.add_argument("--no-per-step", action="store_true", help="skip the 1-step-per-call context row")
+    parser.add_argument("--no-floor", action="store_true", help="skip the floor context row")
     parser.add_argument("--params", type=Path, default=ROOT / "params.yaml")
+    parser.add_argument("--raw-data", type=Path, help="IDX files to train on; default: paths.raw_data of --params")
     args = parser.parse_args(argv)
 
     print(configure_threads(args.threads, args.inter_op_threads))
     print(f"TF {tf.__version__}, TF_ENABLE_ONEDNN_OPTS={os.environ.get('TF_ENABLE_ONEDNN_OPTS', 'unset (on)')}")
     params = load_params(args.params)
     model, train = params.model, params.train
-    images, labels = load_training(ROOT / params.paths.raw_data, params.data.validation_size)
+    images, labels = load_training(args.raw_data or ROOT / params.paths.raw_data, params.data.validation_size)
     decay_steps = decay_steps_for(train, len(labels))
     steps = args.epochs * (len(labels) // train.batch_size)
     print(f"{len(labels)} training examples, batch {train.batch_size}, {steps} timed steps per round, "
@@ -168,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"peak RSS after Trainer set-up {peak_rss_mib():.0f} MiB")
     if not args.no_per_step:
         runners["ours, 1 step/call"] = trainer_runner(model, train, images, labels, decay_steps, steps, 1)
+    if not args.no_floor and model.hidden_units:
+        runners["floor"] = floor_runner(images, labels, train, model.hidden_units, steps, train.steps_per_call)
 
     rates: dict[str, list[float]] = {name: [] for name in runners}
     names = list(runners)
@@ -182,6 +227,9 @@ def main(argv: list[str] | None = None) -> int:
     paired = statistics.median(ours / keras for ours, keras in zip(rates["ours"], rates["keras fit"]))
     print(f"peak RSS {peak_rss_mib():.0f} MiB (whole process: data, Keras and our Trainers)")
     print(f"ours / keras fit: median of per-round ratios {paired:.2f}")
+    if "floor" in rates:
+        floor = max(rates["floor"]) / max(rates["keras fit"])
+        print(f"floor / keras fit: {floor:.2f} (best / best; the most any faithful trainer could reach here)")
     print(f"ratio_vs_keras_fit={max(rates['ours']) / max(rates['keras fit']):.2f}")
     return 0
 

@@ -1,0 +1,63 @@
+"""bench/: both benchmarks run end to end and print tables that agree with themselves.
+
+Speed itself is not asserted (that is what the benchmarks are for). These tests keep the
+benchmarks working, on tiny synthetic data:
+
+- train_speed.py measures all four rows, and ``ratio_vs_keras_fit`` = best ours / best Keras fit;
+- step_costs.py measures every rung, and each "added" is the difference to the rung before.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bench import step_costs
+
+from .conftest import REPO_ROOT, make_params_document, tool_environment
+
+
+@pytest.mark.slow
+def test_train_speed_benchmark_reports_all_rows_and_a_consistent_ratio(synthetic_source: Path, tmp_path: Path) -> None:
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(make_params_document(synthetic_source)))
+    command = [sys.executable, str(REPO_ROOT / "bench" / "train_speed.py"), "--rounds", "2",
+               "--params", str(params_file), "--raw-data", str(synthetic_source)]
+    result = subprocess.run(command, env=tool_environment(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.strip().splitlines()
+    assert "WARNING" not in result.stdout  # it trained on the synthetic IDX files, not on random data
+
+    best = {}
+    for name in ("keras fit", "ours", "ours, 1 step/call", "floor"):
+        row = next(line for line in lines if re.fullmatch(rf"{re.escape(name)}\s+[\d.]+\s+[\d.]+", line))
+        best[name] = float(row.split()[-2])
+        assert best[name] > 0
+    assert re.fullmatch(r"ratio_vs_keras_fit=\d+\.\d\d", lines[-1])
+    assert float(lines[-1].split("=")[1]) == pytest.approx(best["ours"] / best["keras fit"], abs=0.011)
+    assert any(line.startswith("floor / keras fit: ") for line in lines)
+
+
+@pytest.mark.slow
+def test_step_costs_benchmark_prints_every_rung_and_their_differences(synthetic_source: Path, tmp_path: Path) -> None:
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(make_params_document(synthetic_source)))
+    command = [sys.executable, str(REPO_ROOT / "bench" / "step_costs.py"), "--rounds", "1",
+               "--params", str(params_file), "--raw-data", str(synthetic_source)]
+    result = subprocess.run(command, env=tool_environment(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "WARNING" not in result.stdout
+
+    table = result.stdout.split("steps/s\n", 1)[1].strip().splitlines()
+    assert [line[:28].strip() for line in table] == step_costs.RUNGS
+    previous = 0.0
+    for line in table:
+        milliseconds, added, _ = (float(value) for value in line[28:].split())
+        assert milliseconds > 0
+        assert added == pytest.approx(milliseconds - previous, abs=0.002)
+        previous = milliseconds
