@@ -162,13 +162,14 @@ def floor_runner(images: np.ndarray, labels: np.ndarray, train: TrainParams, hid
 
     order = BatchOrder(len(labels), train.batch_size, train.seed)
     run_steps(order.batches(0, per_call)).numpy()
-    step = [per_call]
+    next_step = per_call
 
     def run() -> float:
+        nonlocal next_step
         started = time.perf_counter()
-        for first in range(step[0], step[0] + steps, per_call):
-            run_steps(order.batches(first, min(per_call, step[0] + steps - first))).numpy()
-        step[0] += steps
+        for first in range(next_step, next_step + steps, per_call):
+            run_steps(order.batches(first, min(per_call, next_step + steps - first))).numpy()
+        next_step += steps
         return steps / (time.perf_counter() - started)
 
     return run

@@ -22,16 +22,21 @@ from bench import step_costs
 from .conftest import REPO_ROOT, make_params_document, tool_environment
 
 
-@pytest.mark.slow
-def test_train_speed_benchmark_reports_all_rows_and_a_consistent_ratio(synthetic_source: Path, tmp_path: Path) -> None:
+def _run_benchmark(script: str, synthetic_source: Path, tmp_path: Path, *arguments: str) -> str:
+    """Run bench/<script> on the synthetic data with the test params; its stdout, after checking it ran cleanly."""
     params_file = tmp_path / "params.yaml"
     params_file.write_text(yaml.safe_dump(make_params_document(synthetic_source)))
-    command = [sys.executable, str(REPO_ROOT / "bench" / "train_speed.py"), "--rounds", "2",
+    command = [sys.executable, str(REPO_ROOT / "bench" / script), *arguments,
                "--params", str(params_file), "--raw-data", str(synthetic_source)]
     result = subprocess.run(command, env=tool_environment(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    lines = result.stdout.strip().splitlines()
     assert "WARNING" not in result.stdout  # it trained on the synthetic IDX files, not on random data
+    return result.stdout
+
+
+@pytest.mark.slow
+def test_train_speed_benchmark_reports_all_rows_and_a_consistent_ratio(synthetic_source: Path, tmp_path: Path) -> None:
+    lines = _run_benchmark("train_speed.py", synthetic_source, tmp_path, "--rounds", "2").strip().splitlines()
 
     best = {}
     for name in ("keras fit", "ours", "ours, 1 step/call", "floor"):
@@ -45,15 +50,8 @@ def test_train_speed_benchmark_reports_all_rows_and_a_consistent_ratio(synthetic
 
 @pytest.mark.slow
 def test_step_costs_benchmark_prints_every_rung_and_their_differences(synthetic_source: Path, tmp_path: Path) -> None:
-    params_file = tmp_path / "params.yaml"
-    params_file.write_text(yaml.safe_dump(make_params_document(synthetic_source)))
-    command = [sys.executable, str(REPO_ROOT / "bench" / "step_costs.py"), "--rounds", "1",
-               "--params", str(params_file), "--raw-data", str(synthetic_source)]
-    result = subprocess.run(command, env=tool_environment(), capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "WARNING" not in result.stdout
-
-    table = result.stdout.split("steps/s\n", 1)[1].strip().splitlines()
+    output = _run_benchmark("step_costs.py", synthetic_source, tmp_path, "--rounds", "1")
+    table = output.split("steps/s\n", 1)[1].strip().splitlines()
     assert [line[:28].strip() for line in table] == step_costs.RUNGS
     previous = 0.0
     for line in table:
