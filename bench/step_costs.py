@@ -1,7 +1,8 @@
 """What each part of a training step costs: a ladder of graph loops, side by side in one run.
 
-Each rung is a ``tf.function`` loop over real MNIST batches (100 images, the seed's 784-500-10
-network) that does a bit more of the seed's step than the rung before:
+Each rung is a ``tf.function`` loop over real MNIST batches (the seed's 784-500-10 network, batch
+size, learning rate, L2 rate and average decay from ``params.yaml``; the learning rate is held
+constant) that does a bit more of the seed's step than the rung before:
 
 1. ``floor without the average``: ``x @ W1``, W1's gradient matmul, W1's SGD update;
 2. ``+ real gradients``: the whole forward and backward pass (biases, ReLU, second layer,
@@ -35,7 +36,8 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from tasks.params import load_params  # noqa: E402
+from tasks import model as network  # noqa: E402
+from tasks.params import ModelParams, TrainParams, load_params  # noqa: E402
 from tasks.train import BatchOrder  # noqa: E402
 
 RUNGS = ["floor without the average", "+ real gradients", "+ bias and W2 updates", "+ L2", "+ moving average"]
@@ -46,20 +48,20 @@ def apply(variable: tf.Variable, rate: tf.Tensor, delta: tf.Tensor) -> None:
     tf.raw_ops.ResourceApplyGradientDescent(var=variable.handle, alpha=rate, delta=delta)
 
 
-def rung(level: int, images: tf.Tensor, labels: tf.Tensor, hidden_units: int) -> Callable[[np.ndarray], None]:
+def rung(level: int, images: tf.Tensor, labels: tf.Tensor, model: ModelParams,
+         train: TrainParams) -> Callable[[np.ndarray], None]:
     """A graph loop doing the first ``level + 1`` rungs of a step (see the module docstring)."""
-    shapes = [(784, hidden_units), (hidden_units,), (hidden_units, 10), (10,)]
-    variables = [tf.Variable(tf.random.stateless_truncated_normal(shape, seed=[0, i], stddev=0.1) if len(shape) == 2
-                             else tf.zeros(shape)) for i, shape in enumerate(shapes)]
+    variables = [tf.Variable(value) for value in network.initial_values(model, train.seed)]  # the train stage's
     averages = [tf.Variable(variable) for variable in variables]
-    rate, l2_rate, average_rate = tf.constant(0.1), tf.constant(1e-4), tf.constant(0.01)
+    rate, l2_rate = tf.constant(train.learning_rate), tf.constant(train.l2_rate)
+    average_rate = tf.constant(1.0 - train.moving_average_decay)
 
     def step(indices: tf.Tensor) -> None:
         weights_1, biases_1, weights_2, biases_2 = variables
         inputs = tf.gather(images, indices)
         if level == 0:
             delta = tf.matmul(inputs, weights_1) * 1e-3  # stands in for backpropagation
-            apply(weights_1, rate * 1e-5, tf.matmul(inputs, delta, transpose_a=True))
+            apply(weights_1, rate * 1e-6, tf.matmul(inputs, delta, transpose_a=True))  # tiny: stays finite
             return
         if level >= 4:
             for average, variable in zip(averages, variables):
@@ -68,7 +70,7 @@ def rung(level: int, images: tf.Tensor, labels: tf.Tensor, hidden_units: int) ->
         logits = tf.nn.bias_add(tf.matmul(hidden, weights_2), biases_2)
         _, logit_gradients = tf.raw_ops.SparseSoftmaxCrossEntropyWithLogits(
             features=logits, labels=tf.gather(labels, indices))
-        delta_2 = logit_gradients / 100.0
+        delta_2 = logit_gradients / float(train.batch_size)  # d mean cross-entropy / d logits
         delta_1 = tf.raw_ops.ReluGrad(gradients=tf.matmul(delta_2, weights_2, transpose_b=True), features=hidden)
         gradients = [tf.matmul(inputs, delta_1, transpose_a=True), tf.reduce_sum(delta_1, axis=0),
                      tf.matmul(hidden, delta_2, transpose_a=True), tf.reduce_sum(delta_2, axis=0)]
@@ -97,10 +99,12 @@ def main(argv: list[str] | None = None) -> int:
     from bench.train_speed import load_training  # the same data, or the same random stand-in
 
     params = load_params(args.params)
+    if not params.model.hidden_units:
+        parser.error("the ladder needs the seed's hidden layer: model.hidden_units is 0 in " + str(args.params))
     images, labels = load_training(args.raw_data or ROOT / params.paths.raw_data, params.data.validation_size)
-    order = BatchOrder(len(labels), 100, params.train.seed)
+    order = BatchOrder(len(labels), params.train.batch_size, params.train.seed)
     data, targets = tf.constant(images, tf.float32), tf.constant(labels, tf.int32)
-    runners = [rung(level, data, targets, params.model.hidden_units or 500) for level in range(len(RUNGS))]
+    runners = [rung(level, data, targets, params.model, params.train) for level in range(len(RUNGS))]
     for runner in runners:
         runner(order.batches(0, STEPS))  # trace and warm up
 

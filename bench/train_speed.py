@@ -212,7 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"peak RSS after Trainer set-up {peak_rss_mib():.0f} MiB")
     if not args.no_per_step:
         runners["ours, 1 step/call"] = trainer_runner(model, train, images, labels, decay_steps, steps, 1)
-    if not args.no_floor and model.hidden_units:
+    if not args.no_floor and not model.hidden_units:
+        print("no floor row: it measures the hidden layer's work, and model.hidden_units is 0")
+    elif not args.no_floor:
         runners["floor"] = floor_runner(images, labels, train, model.hidden_units, steps, train.steps_per_call)
 
     rates: dict[str, list[float]] = {name: [] for name in runners}
