@@ -45,7 +45,7 @@ def read_images(path: Path) -> np.ndarray:
 
 
 def current_model_dir(production: Path) -> Path:
-    from tasks.promote import versions
+    from tasks.production import versions
 
     published = versions(production)
     if not published:

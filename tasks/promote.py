@@ -10,11 +10,11 @@ Like a TFX blessing, the candidate must pass
 A champion that cannot be loaded cannot serve either: the candidate is then judged on the
 value threshold alone, and the reason says so, so a broken production model can be replaced.
 
-A blessed candidate becomes ``models/production/<N+1>/`` (TF Serving layout): it is copied to
-a temporary directory inside ``models/production/`` and renamed, so a reader never sees half a
-version; the newest ``promote.keep_versions`` versions are kept. ``models/registry.json`` is an
-append-only history of decisions; ``reports/promotion.json`` holds this run's. A rejected
-candidate leaves production byte-for-byte untouched.
+A blessed candidate becomes ``models/production/<N>/`` (TF Serving layout), recorded in
+``models/registry.json`` before it becomes visible; ``tasks/production.py`` keeps that true
+whenever the process is killed. The newest ``promote.keep_versions`` versions are kept.
+``reports/promotion.json`` holds this run's decision. A rejected candidate leaves production
+byte-for-byte untouched.
 
     python -m tasks.promote [--params params.yaml]
     python -m tasks.promote rollback [--to N]    # re-publish version N (default: the one
@@ -26,16 +26,23 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import shutil
 import subprocess
 import sys
-import tempfile
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 
 from tasks import mnist
 from tasks.params import ParamsError, PromoteParams, load_params
+from tasks.production import (
+    RegistryError,
+    append_registry,
+    locked,
+    now,
+    publish,
+    reconcile,
+    remove_stale_temporaries,
+    versions,
+)
 
 PARAMS_SECTIONS = ("promote",)
 
@@ -52,13 +59,6 @@ class Decision:
     champion_version: int | None
     champion_accuracy: float | None
     version: int | None  # the version published, when promoted
-
-
-def versions(production: Path) -> list[int]:
-    """Published versions, oldest first; temporary and foreign entries are ignored."""
-    if not production.is_dir():
-        return []
-    return sorted(int(entry.name) for entry in production.iterdir() if entry.is_dir() and entry.name.isdigit())
 
 
 def test_accuracy(model_dir: Path, test: mnist.Split) -> float:
@@ -94,23 +94,6 @@ def decide(promote: PromoteParams, candidate: float, champion_version: int | Non
                  f"{promote.min_improvement}"
 
 
-def publish(model_dir: Path, production: Path, keep_versions: int) -> int:
-    """Copy ``model_dir`` in as the next version, atomically; prune the oldest. Return the version."""
-    production.mkdir(parents=True, exist_ok=True)
-    for stale in production.glob(".publishing-*"):  # left by a publish that was killed
-        shutil.rmtree(stale, ignore_errors=True)
-    version = (versions(production) or [0])[-1] + 1
-    staging = Path(tempfile.mkdtemp(dir=production, prefix=".publishing-"))  # same filesystem: rename is atomic
-    try:
-        shutil.copytree(model_dir, staging / "model")
-        (staging / "model").rename(production / str(version))
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    for old in versions(production)[:-keep_versions]:
-        shutil.rmtree(production / str(old))
-    return version
-
-
 def _git_revision() -> str:
     result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True)
     return result.stdout.strip() if result.returncode == 0 else "unknown"
@@ -123,66 +106,74 @@ def _fingerprint(paths: list[Path]) -> str:
     return digest.hexdigest()[:16]
 
 
-def read_registry(registry: Path) -> list:
-    """The history so far; a damaged file is an error, never silently replaced."""
-    try:
-        history = json.loads(registry.read_text()) if registry.exists() else []
-    except (ValueError, UnicodeDecodeError) as error:
-        raise PromotionError(f"{registry} is not valid JSON ({error}); refusing to overwrite it") from None
-    if not isinstance(history, list):
-        raise PromotionError(f"{registry} is not a JSON list; refusing to overwrite it")
-    return history
+def _reconcile(production: Path, registry: Path, promotion: Path | None = None) -> None:
+    """Repair what a killed promote or rollback left (the caller holds the lock), and say so."""
+    if promotion is not None:
+        remove_stale_temporaries(promotion)
+    for note in reconcile(production, registry):
+        print(f"promote: {note}", flush=True)
 
 
-def append_registry(registry: Path, entry: dict) -> None:
-    """Append one entry; the file is rewritten whole through a temporary file and a rename."""
-    history = read_registry(registry)
-    history.append(entry)
-    mnist.write_bytes_atomic(registry, (json.dumps(history, indent=2) + "\n").encode())
-
-
-def _record(registry: Path, promotion: Path, decision: Decision, context: dict) -> None:
-    entry = {"action": "promote", "time": datetime.now(UTC).isoformat(timespec="seconds"),
-             "git_revision": _git_revision(), **context, **asdict(decision)}
-    append_registry(registry, entry)
-    mnist.write_bytes_atomic(promotion, (json.dumps(entry, indent=2) + "\n").encode())
-
-
-def promote_candidate(promote: PromoteParams, candidate_dir: Path, data_dir: Path, production: Path,
-                      registry: Path, promotion: Path, params_file: Path) -> Decision:
-    """Judge the candidate against the thresholds and the re-evaluated champion; publish if blessed."""
+def _judge(promote: PromoteParams, candidate_dir: Path, production: Path, test: mnist.Split) -> Decision:
     from tasks.model import ModelLoadError
 
-    read_registry(registry)  # a damaged history stops us before anything is published
-    test = mnist.load_split(data_dir, "test", validation_size=0)
     champion_version, champion, note = _champion(production, test)
     try:
         candidate = test_accuracy(candidate_dir, test)
         promoted, reason = decide(promote, candidate, champion_version, champion, note)
     except ModelLoadError as error:
         candidate, promoted, reason = None, False, f"candidate cannot be loaded: {error}"
-    version = publish(candidate_dir, production, promote.keep_versions) if promoted else None
-    decision = Decision(promoted, reason, candidate, champion_version, champion, version)
-    data_files = [data_dir / name for name in (mnist.TEST_IMAGES, mnist.TEST_LABELS)]
-    context = {"data_fingerprint": _fingerprint(data_files), "params_fingerprint": _fingerprint([params_file])}
-    _record(registry, promotion, decision, context)
-    verdict = f"promoted as version {version}" if promoted else "rejected"
-    print(f"promote: {verdict}: {reason}", flush=True)
-    return decision
+    return Decision(promoted, reason, candidate, champion_version, champion, None)
 
 
-def rollback(production: Path, registry: Path, to_version: int | None, keep_versions: int) -> int:
-    """Re-publish an earlier version as the newest (so TF Serving serves it); return its number."""
+def promote_candidate(promote: PromoteParams, candidate_dir: Path, data_dir: Path, production: Path,
+                      registry: Path, promotion: Path, params_file: Path) -> Decision:
+    """Judge the candidate against the thresholds and the re-evaluated champion; publish if blessed.
+
+    The registry records the decision before a blessed version becomes visible."""
+    with locked(production):
+        _reconcile(production, registry, promotion)
+        test = mnist.load_split(data_dir, "test", validation_size=0)
+        decision = _judge(promote, candidate_dir, production, test)
+        data_files = [data_dir / name for name in (mnist.TEST_IMAGES, mnist.TEST_LABELS)]
+        entry = {"action": "promote", "time": now(), "git_revision": _git_revision(),
+                 "data_fingerprint": _fingerprint(data_files), "params_fingerprint": _fingerprint([params_file]),
+                 **asdict(decision)}
+        if decision.promoted:
+            entry["version"] = publish(candidate_dir, production, registry, entry, promote.keep_versions)
+        else:
+            append_registry(registry, entry)
+        mnist.write_bytes_atomic(promotion, (json.dumps(entry, indent=2) + "\n").encode())
+    verdict = f"promoted as version {entry['version']}" if decision.promoted else "rejected"
+    print(f"promote: {verdict}: {decision.reason}", flush=True)
+    return Decision(**{**asdict(decision), "version": entry["version"]})
+
+
+def _rollback_target(production: Path, to_version: int | None) -> tuple[int, int]:
+    """(the version to restore, the version served now), after checking the target can serve."""
+    from tasks.model import ModelLoadError, load_serving_model
+
     published = versions(production)
     if len(published) < 2 and to_version is None:
         raise PromotionError(f"nothing to roll back to: {production} holds versions {published}")
     target = published[-2] if to_version is None else to_version
     if target not in published:
         raise PromotionError(f"version {target} is not in {production} (available: {published})")
-    version = publish(production / str(target), production, keep_versions)
-    append_registry(registry, {"action": "rollback", "time": datetime.now(UTC).isoformat(timespec="seconds"),
-                               "git_revision": _git_revision(), "restored_version": target, "version": version,
-                               "replaced_version": published[-1]})
+    try:
+        load_serving_model(str(production / str(target)))
+    except ModelLoadError as error:
+        raise PromotionError(f"version {target} cannot serve, so it is not restored: {error}") from None
+    return target, published[-1]
+
+
+def rollback(production: Path, registry: Path, to_version: int | None, keep_versions: int) -> int:
+    """Re-publish an earlier version as the newest (so TF Serving serves it); return its number."""
+    with locked(production):
+        _reconcile(production, registry)
+        target, replaced = _rollback_target(production, to_version)
+        entry = {"action": "rollback", "time": now(), "git_revision": _git_revision(),
+                 "restored_version": target, "replaced_version": replaced}
+        version = publish(production / str(target), production, registry, entry, keep_versions)
     print(f"rollback: version {target} is now served as version {version}; record it with `dvc commit promote`")
     return version
 
@@ -201,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             promote_candidate(params.promote, Path(paths.candidate), Path(paths.raw_data), Path(paths.production),
                               Path(paths.registry), Path(paths.promotion), args.params)
-    except (ParamsError, PromotionError, mnist.DataError, FileNotFoundError) as error:
+    except (ParamsError, PromotionError, RegistryError, mnist.DataError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 0

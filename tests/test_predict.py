@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,6 @@ from PIL import Image
 
 from tasks import mnist, predict
 from tasks.params import parse_params
-from tasks.promote import publish
 from tasks.train import train_model
 
 from .conftest import make_params_document, synthetic_arrays
@@ -28,8 +28,13 @@ def project(tmp_path: Path, synthetic_source: Path, monkeypatch: pytest.MonkeyPa
     return tmp_path
 
 
+def _serve(project: Path) -> None:
+    """Put the candidate where predict looks (promote's own publishing is tested in test_production)."""
+    shutil.copytree(project / "candidate", project / "models" / "production" / "1")
+
+
 def test_predict_classifies_a_png_and_an_idx_file(project: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    publish(project / "candidate", project / "models" / "production", 5)
+    _serve(project)
     arrays = synthetic_arrays()
     images, labels = arrays["t10k-images-idx3-ubyte"], arrays["t10k-labels-idx1-ubyte"]
     Image.fromarray(images[0]).save(project / "digit.png")
@@ -47,7 +52,7 @@ def test_predict_errors_are_clear(project: Path, capsys: pytest.CaptureFixture[s
     Image.fromarray(np.zeros((28, 28), np.uint8)).save(project / "digit.png")
     assert predict.main(["digit.png"]) == 1
     assert "no production model" in capsys.readouterr().err
-    publish(project / "candidate", project / "models" / "production", 5)
+    _serve(project)
     Image.fromarray(np.zeros((32, 20), np.uint8)).save(project / "big.png")
     (project / "notes.txt").write_text("not an image")
     for path, message in (("big.png", "the image is 20x32; the model needs 28x28"),
@@ -58,7 +63,7 @@ def test_predict_errors_are_clear(project: Path, capsys: pytest.CaptureFixture[s
 
 
 def test_colour_images_are_converted_to_grayscale(project: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    publish(project / "candidate", project / "models" / "production", 5)
+    _serve(project)
     digit = synthetic_arrays()["t10k-images-idx3-ubyte"][1]
     Image.fromarray(np.stack([digit] * 3, axis=-1)).save(project / "rgb.png")
     assert np.array_equal(predict.read_images(project / "rgb.png")[0], digit)

@@ -1,9 +1,10 @@
-"""tasks/promote.py: the champion/challenger gate, atomic publishing, the registry, rollback."""
+"""tasks/promote.py: the champion/challenger gate, the registry record, rollback."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,7 +15,8 @@ import pytest
 
 from tasks import model as network
 from tasks.params import PromoteParams, parse_params
-from tasks.promote import PromotionError, promote_candidate, publish, rollback, versions
+from tasks.production import RegistryError, locked, publish, reconcile, versions
+from tasks.promote import PromotionError, promote_candidate, rollback
 from tasks.train import train_model
 
 from .conftest import REPO_ROOT, make_params_document, tool_environment, write_synthetic
@@ -114,16 +116,23 @@ def test_unloadable_champion_is_judged_on_the_value_threshold(models: dict[str, 
     assert decision.promoted and decision.version == 2 and "champion v1 cannot be loaded" in decision.reason
 
 
+def _publish(model_dir: Path, tmp_path: Path, keep_versions: int = 5) -> int:
+    with locked(tmp_path / "production"):
+        return publish(model_dir, tmp_path / "production", tmp_path / "registry.json", {"action": "test"},
+                       keep_versions)
+
+
 def test_keep_versions_prunes_the_oldest(models: dict[str, Path], tmp_path: Path) -> None:
     for _ in range(4):
-        publish(models["good"], tmp_path / "production", keep_versions=3)
+        _publish(models["good"], tmp_path, keep_versions=3)
     assert versions(tmp_path / "production") == [2, 3, 4]
+    assert sorted(p.name for p in (tmp_path / "production").iterdir()) == ["2", "3", "4"]  # nothing left over
 
 
 def test_rollback_republishes_an_earlier_version(models: dict[str, Path], tmp_path: Path) -> None:
     production, registry = tmp_path / "production", tmp_path / "registry.json"
-    publish(models["good"], production, 5)
-    publish(models["bad"], production, 5)
+    _publish(models["good"], tmp_path)
+    _publish(models["bad"], tmp_path)
     assert rollback(production, registry, None, 5) == 3
     assert _tree_digest(production / "3") == _tree_digest(production / "1")
     assert _registry(tmp_path)[-1] | {"time": None, "git_revision": None} == {
@@ -143,17 +152,18 @@ def test_rollback_with_nothing_to_restore(tmp_path: Path) -> None:
 def test_publish_killed_midway_leaves_only_complete_versions(models: dict[str, Path], tmp_path: Path) -> None:
     """SIGKILL a publish while it copies files (slowed down); no partial version may appear."""
     production = tmp_path / "production"
-    publish(models["good"], production, 5)
+    _publish(models["good"], tmp_path)
     before = _tree_digest(production)
     script = (
         "import shutil, time\n"
         "from pathlib import Path\n"
-        "from tasks import promote\n"
+        "from tasks import production as promote\n"
         "original = shutil.copyfile\n"
         "def slow_copy(*args, **kwargs):\n"
         "    print('copying', flush=True); time.sleep(1.0); return original(*args, **kwargs)\n"
         "shutil.copyfile = slow_copy  # copy2, which copytree uses, looks copyfile up at call time\n"
-        f"promote.publish(Path({str(models['bad'])!r}), Path({str(production)!r}), 5)\n"
+        f"promote.publish(Path({str(models['bad'])!r}), Path({str(production)!r}), "
+        f"Path({str(tmp_path / 'registry.json')!r}), {{}}, 5)\n"
     )
     environment = tool_environment() | {"PYTHONPATH": str(REPO_ROOT)}
     process = subprocess.Popen([sys.executable, "-c", script], env=environment, stdout=subprocess.PIPE, text=True)
@@ -164,23 +174,56 @@ def test_publish_killed_midway_leaves_only_complete_versions(models: dict[str, P
     assert versions(production) == [1]
     assert _tree_digest(production / "1") == _tree_digest(models["good"])
     assert [p.name for p in production.iterdir() if not p.name.startswith(".")] == ["1"]
-    publish(models["bad"], production, 5)  # the next publish cleans up what the killed one left
+    with locked(production):  # the next run cleans up what the killed one left
+        reconcile(production, tmp_path / "registry.json")
+    _publish(models["bad"], tmp_path)
     assert sorted(p.name for p in production.iterdir()) == ["1", "2"]
     assert before != _tree_digest(production)
 
 
 def test_corrupt_registry_is_a_clear_error_and_left_alone(tmp_path: Path) -> None:
-    from tasks.promote import append_registry
+    from tasks.production import append_registry
 
     registry = tmp_path / "registry.json"
     registry.write_text('[{"action": "promote"')  # truncated by hand
-    with pytest.raises(PromotionError, match="is not valid JSON"):
+    with pytest.raises(RegistryError, match="is not valid JSON"):
         append_registry(registry, {"action": "rollback"})
     assert registry.read_text() == '[{"action": "promote"'
 
 
 def test_corrupt_registry_stops_promotion_before_publishing(models: dict[str, Path], tmp_path: Path) -> None:
     (tmp_path / "registry.json").write_text("not json")
-    with pytest.raises(PromotionError, match="is not valid JSON"):
+    with pytest.raises(RegistryError, match="is not valid JSON"):
         _promote(models, tmp_path, "good")
     assert versions(tmp_path / "production") == []
+
+
+def test_rollback_refuses_a_version_that_cannot_serve(models: dict[str, Path], tmp_path: Path) -> None:
+    production = tmp_path / "production"
+    _publish(models["good"], tmp_path)
+    _publish(models["good"], tmp_path)
+    (production / "1" / "saved_model.pb").write_bytes(b"damaged")
+    before = _tree_digest(production)
+    with pytest.raises(PromotionError, match="version 1 cannot serve, so it is not restored"):
+        rollback(production, tmp_path / "registry.json", 1, 5)
+    assert _tree_digest(production) == before and len(_registry(tmp_path)) == 2
+
+
+def test_a_fresh_clone_continues_the_recorded_version_numbers(models: dict[str, Path], tmp_path: Path) -> None:
+    """The registry (in git) knows versions 1..3 although production/ is empty (not pulled)."""
+    history = [{"action": "promote", "promoted": True, "version": version} for version in (1, 2, 3)]
+    (tmp_path / "registry.json").write_text(json.dumps(history))
+    decision = _promote(models, tmp_path, "good")
+    assert decision.promoted and decision.version == 4 and versions(tmp_path / "production") == [4]
+
+
+def test_promote_repairs_what_a_killed_run_left(models: dict[str, Path], tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    _promote(models, tmp_path, "good")
+    shutil.rmtree(tmp_path / "production" / "1")  # as if killed after the record, before the rename:
+    shutil.copytree(models["good"], tmp_path / "production" / ".publishing-v1-x" / "model")
+    (tmp_path / ".promotion.json.abc.tmp").write_text("{")
+    decision = _promote(models, tmp_path, "good")
+    assert "finished publishing version 1" in capsys.readouterr().out
+    assert not decision.promoted and decision.champion_version == 1  # the champion is back, and re-evaluated
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
