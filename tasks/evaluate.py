@@ -55,7 +55,7 @@ def score(loaded: object, split: mnist.Split, batch_size: int) -> Scores:
 
 
 def build_metrics(test: Scores, validation: Scores, test_labels: np.ndarray, train_summary: dict) -> dict:
-    """The metric keys users diff; their names and nesting are a contract (DESIGN.md)."""
+    """The metric keys users diff; their names and nesting are a contract (docs/ARCHITECTURE.md)."""
     return {
         "test": {"accuracy": round(test.accuracy, 6), "accuracy_raw": round(test.accuracy_raw, 6),
                  "loss": round(test.loss, 6), "errors": int((test.predicted != test_labels).sum())},
