@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import importlib
 import re
 
@@ -46,3 +47,40 @@ def test_outputs_come_from_the_paths_section(stage: str) -> None:
         match = re.match(r"^\$\{paths\.(\w+)\}", path)
         assert match, f"{stage}: {path!r} is hard-coded; use ${{paths.<key>}} from params.yaml"
         assert match.group(1) in known
+
+
+def _project_imports(module: str) -> set[str]:
+    """Project modules ``module`` imports anywhere in its code (lazy imports inside functions too)."""
+    path = REPO_ROOT / (module.replace(".", "/") + ".py")
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            found |= {f"{node.module}.{alias.name}" for alias in node.names}
+    return {name for name in found if (REPO_ROOT / (name.replace(".", "/") + ".py")).is_file()}
+
+
+def code_dependencies(stage: str) -> set[str]:
+    """Every project file `python -m tasks.<stage>` can execute: its module and, transitively, what it imports."""
+    seen, pending = set(), [f"tasks.{stage}"]
+    while pending:
+        module = pending.pop()
+        if module not in seen:
+            seen.add(module)
+            pending += _project_imports(module)
+    return {module.replace(".", "/") + ".py" for module in seen}
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_stage_code_deps_are_exactly_the_modules_it_imports(stage: str) -> None:
+    """Edit any module a stage runs and DVC re-runs the stage; list nothing it does not run."""
+    declared = {dep for dep in STAGES[stage]["deps"] if dep.endswith(".py")}
+    assert declared == code_dependencies(stage), f"dvc.yaml deps of {stage!r}: add or remove these"
+
+
+def test_the_import_walk_sees_lazy_imports() -> None:
+    """train imports the trainer inside a function; leaving it out of dvc.yaml must be caught."""
+    assert "tasks/trainer.py" in code_dependencies("train")
+    assert "tasks/model.py" in code_dependencies("promote")
