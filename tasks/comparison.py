@@ -229,16 +229,19 @@ _COLOURS = {"better": "tab:green", "worse": "tab:red", "no measurable difference
 
 
 def _accuracy_panel(axis: plt.Axes, rows: Sequence[Row]) -> None:
+    labelled = False  # one legend entry per marker, from the first row that has numbers
     for position, row in enumerate(rows):
         accuracies = [100 * value for value in row.values("accuracy")]
         if accuracies:
             axis.scatter(accuracies, [position] * len(accuracies), s=12, color="tab:blue", alpha=0.35, zorder=2)
             sd = statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0
             axis.errorbar(statistics.fmean(accuracies), position, xerr=sd, fmt="o", color="tab:blue", capsize=4,
-                          zorder=3, label="EMA: mean ± sd (dots: seeds)" if position == 0 else None)
+                          zorder=3, label=None if labelled else "EMA: mean ± sd (dots: seeds)")
             raw = [100 * value for value in row.values("accuracy_raw")]
-            axis.scatter([statistics.fmean(raw)], [position], marker="x", color="tab:orange", zorder=3,
-                         label="raw weights: mean" if position == 0 else None)
+            if raw:
+                axis.scatter([statistics.fmean(raw)], [position], marker="x", color="tab:orange", zorder=3,
+                             label=None if labelled else "raw weights: mean")
+            labelled = True
         elif row.diverged:
             axis.annotate("diverged", (0.02, position), xycoords=("axes fraction", "data"), va="center",
                           color="tab:red")
@@ -246,7 +249,8 @@ def _accuracy_panel(axis: plt.Axes, rows: Sequence[Row]) -> None:
     axis.grid(axis="x", alpha=0.3)
     # Under the panel, clear of the points whatever their range: a fixed offset below the x label.
     below = offset_copy(axis.transAxes, fig=axis.figure, y=-32, units="points")
-    axis.legend(loc="upper left", bbox_to_anchor=(0, 0), bbox_transform=below, fontsize=8, ncol=2, frameon=False)
+    if labelled:
+        axis.legend(loc="upper left", bbox_to_anchor=(0, 0), bbox_transform=below, fontsize=8, ncol=2, frameon=False)
 
 
 def _difference_panel(axis: plt.Axes, rows: Sequence[Row]) -> None:

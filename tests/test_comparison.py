@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import pytest
@@ -118,3 +119,11 @@ def test_accuracy_figure_is_a_png(tmp_path: Path) -> None:
     accuracy_figure(_rows(), path, "2 seeds; a machine")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [item.name for item in path.parent.iterdir()] == ["accuracy.png"]  # no temporary file left behind
+
+
+def test_accuracy_figure_with_a_diverged_first_row_draws_without_warnings(tmp_path: Path) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. matplotlib's "no artists with labels" for the legend
+        rows = _rows()
+        accuracy_figure([rows[2], *rows[:2], *rows[3:]], tmp_path / "accuracy.png", "caption")
+    assert (tmp_path / "accuracy.png").stat().st_size > 0
