@@ -263,7 +263,8 @@ def machine() -> str:
 
 
 def footer(points: list[Planned], experiments: dict[str, Experiment], rows: list[Row],
-           wall_seconds: float) -> list[str]:
+           wall_seconds: float | None) -> list[str]:
+    """What the numbers are, and when, where and how long they were measured."""
     finished = [experiments[point.name] for point in points if point.name in experiments
                 and experiments[point.name].state == "success"]
     dates = sorted(experiment.timestamp for experiment in finished if experiment.timestamp)
@@ -275,11 +276,12 @@ def footer(points: list[Planned], experiments: dict[str, Experiment], rows: list
             f"mean ± sample standard deviation over the seeds; the interval is Welch's t interval for the "
             f"difference of the means; verdict: better or worse only when it excludes 0.",
             f"Runs from {dates[0] if dates else '-'} to {dates[-1] if dates else '-'} on {machine()}; "
-            f"training time {training / 60:.1f} min summed over the runs; this call took {wall_seconds / 60:.1f} min."]
+            f"training time {training / 60:.1f} min summed over the runs"
+            + (f"; this call took {wall_seconds / 60:.1f} min." if wall_seconds is not None else ".")]
 
 
 def write_report(points: list[Planned], experiments: dict[str, Experiment], output: Path,
-                 wall_seconds: float) -> list[Row]:
+                 wall_seconds: float | None) -> list[Row]:
     rows = build_rows(points, experiments)
     notes = footer(points, experiments, rows, wall_seconds)
     table = markdown_table(rows, notes)
@@ -330,7 +332,8 @@ def main(argv: list[str] | None = None) -> int:
         print("experiments: interrupted; queued experiments go on in the background (`dvc queue status`); "
               "run the same command again to resume and write the table", file=sys.stderr)
         return 130
-    rows = write_report(points, experiments, args.output, time.perf_counter() - started)
+    wall_seconds = None if args.report_only else time.perf_counter() - started
+    rows = write_report(points, experiments, args.output, wall_seconds)
     unfinished = sum(len(row.outcomes) - len(row.finished) - len(row.diverged) for row in rows)
     if unfinished and not args.report_only:
         print(f"error: {unfinished} experiments have no result; see `dvc queue status`", file=sys.stderr)
