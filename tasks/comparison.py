@@ -253,18 +253,37 @@ def _accuracy_panel(axis: plt.Axes, rows: Sequence[Row]) -> None:
         axis.legend(loc="upper left", bbox_to_anchor=(0, 0), bbox_transform=below, fontsize=8, ncol=2, frameon=False)
 
 
+NEAR_POINTS = 1.0  # differences farther than this are drawn at the panel's edge, so the small ones stay legible
+
+
 def _difference_panel(axis: plt.Axes, rows: Sequence[Row]) -> None:
+    """Each variant's interval; the panel spans the near ones (and 0), far ones sit at its edge with their numbers."""
     reference = next((row for row in rows if row.variant == REFERENCE), None)
-    axis.axvline(0.0, color="black", linewidth=1)
+    drawn: dict[int, tuple[str, str, Interval]] = {}
     for position, row in enumerate(rows):
         difference, word = compare(row, reference)
         if difference != "-":
-            interval = welch_interval(row.values("accuracy"), reference.values("accuracy"))
-            centre = 100 * interval.difference
+            drawn[position] = (difference, word, welch_interval(row.values("accuracy"), reference.values("accuracy")))
+        colour = "tab:red" if word.startswith("diverged") else _COLOURS.get(word, "black")
+        axis.annotate(word, (1.02, position), xycoords=("axes fraction", "data"), va="center", fontsize=8,
+                      color=colour, annotation_clip=False)
+    near = [interval for _, _, interval in drawn.values() if abs(100 * interval.difference) <= NEAR_POINTS]
+    low = min([0.0, *(100 * interval.low for interval in near)])
+    high = max([0.0, *(100 * interval.high for interval in near)])
+    margin = 0.15 * (high - low) or 0.1
+    low, high = low - margin, high + margin
+    for position, (text, word, interval) in drawn.items():
+        centre = 100 * interval.difference
+        if low <= centre <= high:
             axis.errorbar(centre, position, xerr=[[centre - 100 * interval.low], [100 * interval.high - centre]],
                           fmt="o", capsize=4, color=_COLOURS[word])
-        axis.annotate(word, (1.02, position), xycoords=("axes fraction", "data"), va="center", fontsize=8,
-                      color=_COLOURS.get(word, "black"), annotation_clip=False)
+        else:  # off the scale: an arrow at the edge, and the numbers
+            edge, marker, align = (low, "<", "left") if centre < low else (high, ">", "right")
+            axis.plot(edge, position, marker=marker, color=_COLOURS[word], markersize=9, clip_on=False)
+            axis.annotate(text, (edge, position), xytext=(10 if align == "left" else -10, 0),
+                          textcoords="offset points", ha=align, va="center", fontsize=8, color=_COLOURS[word])
+    axis.axvline(0.0, color="black", linewidth=1)
+    axis.set_xlim(low, high)
     axis.set(title=f"EMA accuracy minus {REFERENCE} (points), {CONFIDENCE:.0%} Welch interval", xlabel="points")
     axis.grid(axis="x", alpha=0.3)
 

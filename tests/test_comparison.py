@@ -116,7 +116,8 @@ def test_markdown_table_has_a_header_a_row_per_variant_and_the_footer() -> None:
 
 def test_accuracy_figure_is_a_png(tmp_path: Path) -> None:
     path = tmp_path / "out" / "accuracy.png"
-    accuracy_figure(_rows(), path, "2 seeds; a machine")
+    far = Row("far-off", [Outcome(0, 0.92, 0.91), Outcome(1, 0.93, 0.92)])  # drawn at the edge, with its numbers
+    accuracy_figure([*_rows(), far], path, "2 seeds; a machine")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [item.name for item in path.parent.iterdir()] == ["accuracy.png"]  # no temporary file left behind
 
