@@ -7,7 +7,7 @@ queue one at a time (two cores: parallel runs would only slow each other down), 
 table (`tasks.comparison`) from `dvc exp show` to stdout, `<output>/table.md` and
 `<output>/accuracy.png`. The experiments stay in DVC: `dvc exp show`, `dvc exp diff`, `dvc exp apply`.
 
-    python -m tasks.experiments --seeds 5 [--steps N] [--only VARIANT ...] [--report-only]
+    python -m tasks.experiments --seeds 5 [--steps N] [--only VARIANT ...] [--report-only [--rev COMMIT]]
     make experiments SEEDS=5 [STEPS=N]
 
 Calling it again resumes the grid (experiments of the current commit, as `dvc exp show` lists them):
@@ -142,8 +142,9 @@ def experiments_from_exp_show(exp_show: list[dict]) -> dict[str, Experiment]:
     return found
 
 
-def read_experiments() -> dict[str, Experiment]:
-    return experiments_from_exp_show(json.loads(dvc("exp", "show", "--json", capture=True)))
+def read_experiments(revision: str = "HEAD") -> dict[str, Experiment]:
+    """The experiments whose baseline is this commit (DVC's own default: HEAD)."""
+    return experiments_from_exp_show(json.loads(dvc("exp", "show", "--json", "--rev", revision, capture=True)))
 
 
 def diverged_at(experiment: Experiment) -> int | None:
@@ -307,14 +308,17 @@ def run_grid(points: list[Planned], jobs: int) -> None:
 
 
 def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tasks.experiments", description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, default=2, help="seeds per variant: train.seed 0..SEEDS-1")
     parser.add_argument("--steps", type=int, default=None, help="override train.steps (quick runs)")
     parser.add_argument("--jobs", type=int, default=1, help="experiments run at once")
     parser.add_argument("--only", nargs="*", default=[], choices=list(VARIANTS), help="run only these variants")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="where table.md and accuracy.png go")
     parser.add_argument("--report-only", action="store_true", help="write the table from what has run; run nothing")
+    parser.add_argument("--rev", default="HEAD", help="with --report-only: the commit the experiments were run from")
     args = parser.parse_args(argv)
+    if args.rev != "HEAD" and not args.report_only:
+        parser.error("--rev needs --report-only: experiments are queued from the current commit")
     if args.seeds < 1 or (args.steps is not None and args.steps < 1) or args.jobs < 1:
         parser.error("--seeds, --steps and --jobs must be positive")
     return args
@@ -327,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not args.report_only:
             run_grid(points, args.jobs)
-        experiments = read_experiments()
+        experiments = read_experiments(args.rev)
     except KeyboardInterrupt:
         print("experiments: interrupted; queued experiments go on in the background (`dvc queue status`); "
               "run the same command again to resume and write the table", file=sys.stderr)

@@ -25,6 +25,7 @@ from tasks.experiments import (
     diverged_at,
     experiments_from_exp_show,
     grid,
+    main,
     plan,
 )
 from tasks.params import Params, parse_params
@@ -51,6 +52,17 @@ def test_grid_names_encode_variant_steps_and_seed() -> None:
     assert points[4].overrides == ["model.hidden_units=0", "train.seed=1"]
     assert Planned("no-lr-decay", 4, 500).name == "no-lr-decay-500steps-s4"
     assert len(grid(seeds=5, steps=None, only=[])) == 5 * len(VARIANTS)
+
+
+@pytest.mark.parametrize("arguments", [["--seeds", "0"], ["--steps", "-5"], ["--rev", "HEAD~1"]])
+def test_bad_arguments_are_one_usage_error_before_anything_runs(arguments: list[str], tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # not a DVC repository: any DVC call would fail differently
+    with pytest.raises(SystemExit) as raised:
+        main(arguments)
+    last_line = capsys.readouterr().err.splitlines()[-1]
+    assert raised.value.code == 2 and last_line.startswith("python -m tasks.experiments: error:")
 
 
 def _entry(name: str, state: str | None, metrics: dict | None = None, error: bool = False, log: str | None = None,
