@@ -42,9 +42,13 @@ flow: $(STAMP)
 serve: $(STAMP)
 	$(PYTHON) -m flows.deploy --start-server --port 4200 --home .prefect
 
-# The seed's comparison table: each optimisation dropped in turn, as queued DVC experiments.
+# The seed's comparison table: each optimisation dropped in turn, every variant over SEEDS seeds
+# (train.seed 0..SEEDS-1), as queued DVC experiments; STEPS overrides train.steps for a quick look.
+# Calling it again resumes the grid. Table and picture: reports/experiments/{table.md,accuracy.png}.
+SEEDS ?= 2
+STEPS ?=
 experiments: $(STAMP)
-	$(PYTHON) -m tasks.experiments
+	$(PYTHON) -m tasks.experiments --seeds $(SEEDS) $(if $(STEPS),--steps $(STEPS))
 
 bench: $(STAMP)
 	$(PYTHON) bench/train_speed.py

@@ -1,11 +1,23 @@
-"""The seed's comparison table as DVC experiments: every optimisation, then each one dropped.
+"""The seed's comparison over several seeds, as DVC experiments: every optimisation, then each one dropped.
 
-Not a pipeline stage: a driver for `dvc exp`. It queues one experiment per variant up to the
-`evaluate` stage (experiments never publish to production), runs the queue one at a time
-(two cores: parallel runs would only slow each other down), and prints the table from
-`dvc exp show`. The experiments stay in DVC: `dvc exp show`, `dvc exp diff`, `dvc exp apply`.
+Not a pipeline stage: a driver for `dvc exp`. For every variant and every seed (`train.seed`
+0..S-1) it queues one experiment up to the `evaluate` stage (experiments never publish to
+production), named `<variant>-s<seed>` (`<variant>-<N>steps-s<seed>` with --steps), runs the
+queue one at a time (two cores: parallel runs would only slow each other down), and writes the
+table (`tasks.comparison`) from `dvc exp show` to stdout, `<output>/table.md` and
+`<output>/accuracy.png`. The experiments stay in DVC: `dvc exp show`, `dvc exp diff`, `dvc exp apply`.
 
-    python -m tasks.experiments [--steps N] [--jobs 1] [--only VARIANT ...]   # or: make experiments
+    python -m tasks.experiments --seeds 5 [--steps N] [--only VARIANT ...] [--report-only [--rev COMMIT]]
+    make experiments SEEDS=5 [STEPS=N]
+
+Calling it again resumes the grid (experiments of the current commit, as `dvc exp show` lists them):
+- finished experiments are kept, queued ones are not queued again, running ones are waited for;
+- a run stopped by the divergence guard is final (the same params and seed diverge again);
+- any other failed run (a crash, a killed worker) is removed from the queue and run again, and
+  so is a "running" one whose process is gone (the machine restarted): `dvc queue kill` marks it
+  failed first, otherwise `dvc exp run --run-all` would wait for it forever.
+Ctrl-C stops following the logs; DVC's queue worker keeps running the queue in the background
+(`dvc queue status`, `dvc queue stop`); call this again to wait for it and write the table.
 """
 
 from __future__ import annotations
@@ -13,9 +25,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
+import re
 import subprocess
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
+
+import yaml
+
+from tasks.comparison import Outcome, Row, accuracy_figure, markdown_table
+from tasks.mnist import write_bytes_atomic
 
 # The seed's ablations, each a set of `-S` overrides of params.yaml.
 VARIANTS: dict[str, list[str]] = {
@@ -29,7 +50,9 @@ VARIANTS: dict[str, list[str]] = {
     # explodes within a few dozen steps (the divergence guard stops it); at 0.1 it trains.
     "no-activation-lr-0.1": ["model.activation=linear", "train.learning_rate=0.1"],
 }
-COLUMNS = ("test.accuracy", "test.accuracy_raw", "test.errors", "train.steps_per_second")
+DEFAULT_OUTPUT = Path("reports/experiments")
+TABLE_FILE, FIGURE_FILE = "table.md", "accuracy.png"
+DIVERGED = re.compile(r"training diverged: the loss became \S+ at step (\d+)")
 
 
 def dvc(*arguments: str, capture: bool = False) -> str:
@@ -37,72 +60,288 @@ def dvc(*arguments: str, capture: bool = False) -> str:
     result = subprocess.run([sys.executable, "-m", "dvc", *arguments], env=environment, text=True,
                             capture_output=capture)
     if result.returncode != 0:
-        detail = (result.stderr or "").strip() if capture else ""
-        raise SystemExit(f"error: `dvc {' '.join(arguments)}` failed with exit code {result.returncode} {detail}")
+        detail = (result.stderr or "").strip().splitlines()[-1:] if capture else []
+        raise SystemExit(f"error: `dvc {' '.join(arguments)}` failed with exit code {result.returncode} "
+                         f"{' '.join(detail)}".rstrip())
     return result.stdout if capture else ""
 
 
-def queue_variants(steps: int | None, only: list[str]) -> list[str]:
-    names = []
-    for name, overrides in VARIANTS.items():
-        if only and name not in only:
-            continue
-        extra = [f"train.steps={steps}"] if steps else []
-        settings = [argument for override in overrides + extra for argument in ("-S", override)]
-        print(f"experiments: queueing {name} {' '.join(overrides + extra)}", flush=True)
-        dvc("exp", "run", "--queue", "evaluate", "--name", name, *settings)
-        names.append(name)
-    return names
+# --- the grid ------------------------------------------------------------------------------
 
 
-def _metric(experiment: dict, key: str) -> object:
-    metrics = experiment.get("data", {}).get("metrics", {}).get("reports/metrics.json", {}).get("data", {})
-    section, name = key.split(".")
-    return metrics.get(section, {}).get(name)
+@dataclass(frozen=True)
+class Planned:
+    """One experiment of the grid: a variant at a seed."""
+
+    variant: str
+    seed: int
+    steps: int | None
+
+    @property
+    def name(self) -> str:
+        steps = f"-{self.steps}steps" if self.steps else ""
+        return f"{self.variant}{steps}-s{self.seed}"
+
+    @property
+    def overrides(self) -> list[str]:
+        extra = [f"train.steps={self.steps}"] if self.steps else []
+        return [*VARIANTS[self.variant], f"train.seed={self.seed}", *extra]
 
 
-def collect_table(names: list[str]) -> list[dict[str, object]]:
-    return rows_from_exp_show(json.loads(dvc("exp", "show", "--json", capture=True)), names)
+def grid(seeds: int, steps: int | None, only: list[str]) -> list[Planned]:
+    """Variants in the table's order; within a variant, seeds 0..seeds-1."""
+    return [Planned(variant, seed, steps) for variant in VARIANTS if not only or variant in only
+            for seed in range(seeds)]
 
 
-def rows_from_exp_show(exp_show: list[dict], names: list[str]) -> list[dict[str, object]]:
-    """One row per experiment name from `dvc exp show --json` output (the newest run of each)."""
-    rows: dict[str, dict[str, object]] = {}
+# --- what `dvc exp show --json` says ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Experiment:
+    name: str
+    state: str  # success | running | queued | failed
+    metrics: dict
+    params: dict
+    timestamp: str | None = None
+    log: str | None = None  # the run's output file (queue runs)
+    pid: int | None = None  # the running experiment's process
+
+
+_PRIORITY = {"success": 0, "running": 1, "queued": 2, "failed": 3}
+
+
+def _experiment(entry: dict) -> Experiment | None:
+    revision = (entry.get("revs") or [{}])[0]
+    name = entry.get("name") or revision.get("name")
+    if not name:
+        return None
+    executor = entry.get("executor") or {}
+    local = executor.get("local") or {}
+    data = revision.get("data") or {}
+    metrics = (data.get("metrics") or {}).get("reports/metrics.json", {}).get("data") or {}
+    state = executor.get("state") or "success"
+    if state == "success" and (revision.get("error") or not metrics):
+        state = "failed"  # a failed run shows its baseline's metrics or none: never report them
+    return Experiment(name=name, state=state, metrics=metrics if state == "success" else {},
+                      params=(data.get("params") or {}).get("params.yaml", {}).get("data") or {},
+                      timestamp=data.get("timestamp"), log=local.get("log"), pid=local.get("pid"))
+
+
+def experiments_from_exp_show(exp_show: list[dict]) -> dict[str, Experiment]:
+    """Each named experiment of the listed commits; of several with one name, the most final."""
+    found: dict[str, Experiment] = {}
     for commit in exp_show:
-        for experiment in commit.get("experiments") or []:
-            for revision in experiment.get("revs", []):
-                name = revision.get("name")
-                if name not in names or name in rows:
-                    continue
-                if revision.get("error"):  # a failed run shows its baseline's metrics: do not report them
-                    rows[name] = {"variant": name, COLUMNS[0]: f"failed: `dvc queue logs {name}`"}
-                elif revision.get("data", {}).get("metrics"):
-                    rows[name] = {"variant": name, **{key: _metric(revision, key) for key in COLUMNS}}
-    return [rows[name] for name in names if name in rows]
+        for entry in commit.get("experiments") or []:
+            experiment = _experiment(entry)
+            if experiment is None:
+                continue
+            known = found.get(experiment.name)
+            if known is None or _PRIORITY[experiment.state] < _PRIORITY[known.state]:
+                found[experiment.name] = experiment
+    return found
 
 
-def format_table(rows: list[dict[str, object]]) -> str:
-    header = ["variant", *COLUMNS]
-    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
-    lines += ["| " + " | ".join(str(row.get(column, "-")) for column in header) + " |" for row in rows]
-    return "\n".join(lines)
+def read_experiments(revision: str = "HEAD") -> dict[str, Experiment]:
+    """The experiments whose baseline is this commit (DVC's own default: HEAD)."""
+    return experiments_from_exp_show(json.loads(dvc("exp", "show", "--json", "--rev", revision, capture=True)))
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def diverged_at(experiment: Experiment) -> int | None:
+    """The step at which the divergence guard stopped this failed run, if it did."""
+    if experiment.state != "failed" or not experiment.log:
+        return None
+    try:
+        match = DIVERGED.search(Path(experiment.log).read_text(errors="replace"))
+    except OSError:
+        return None
+    return int(match.group(1)) if match else None
+
+
+def _process_gone(pid: int | None) -> bool:
+    if pid is None:  # not started yet: DVC's worker is about to start it
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+# --- resuming -------------------------------------------------------------------------------
+
+
+def _setting(params: dict, override: str) -> tuple[str, object, object]:
+    key, value = override.split("=", 1)
+    section, field = key.split(".")
+    return key, yaml.safe_load(value), params.get(section, {}).get(field)  # as `dvc exp run -S` parses it
+
+
+def check_params(planned: Planned, experiment: Experiment) -> None:
+    """An experiment found under a grid name must have been run with that grid point's params."""
+    if not experiment.params:  # DVC could not read them (a run that failed early): nothing to compare
+        return
+    for override in planned.overrides:
+        key, wanted, found = _setting(experiment.params, override)
+        if found != wanted:
+            raise SystemExit(f"error: experiment {planned.name} ran with {key}={found}, not {wanted}; "
+                             f"remove it (`dvc exp remove {planned.name}`) or commit, then run again")
+
+
+def plan(points: list[Planned], experiments: dict[str, Experiment]) -> dict[str, list[Planned]]:
+    """Sort the grid: keep (done, diverged, queued, running), rerun (failed, orphaned), queue (new)."""
+    actions: dict[str, list[Planned]] = {key: [] for key in
+                                         ("done", "diverged", "queued", "running", "failed", "orphaned", "new")}
+    for point in points:
+        experiment = experiments.get(point.name)
+        if experiment is None:
+            actions["new"].append(point)
+            continue
+        check_params(point, experiment)
+        if experiment.state == "failed":
+            actions["diverged" if diverged_at(experiment) is not None else "failed"].append(point)
+        elif experiment.state == "running" and _process_gone(experiment.pid):
+            actions["orphaned"].append(point)
+        else:
+            actions[{"success": "done"}.get(experiment.state, experiment.state)].append(point)
+    return actions
+
+
+def queue(point: Planned) -> None:
+    settings = [argument for override in point.overrides for argument in ("-S", override)]
+    print(f"experiments: queueing {point.name} {' '.join(point.overrides)}", flush=True)
+    dvc("exp", "run", "--queue", "evaluate", "--name", point.name, *settings, "--quiet")
+
+
+def prepare(actions: dict[str, list[Planned]]) -> list[Planned]:
+    """Clear orphaned and failed runs from DVC's queue and queue them with the new points."""
+    counts = ", ".join(f"{len(points)} {key}" for key, points in actions.items() if points)
+    print(f"experiments: {counts}", flush=True)
+    for point in actions["orphaned"]:
+        print(f"experiments: {point.name} shows as running but its process is gone; marking it failed", flush=True)
+        dvc("queue", "kill", point.name, capture=True)
+    to_queue = actions["orphaned"] + actions["failed"] + actions["new"]
+    for point in actions["orphaned"] + actions["failed"]:
+        print(f"experiments: {point.name} failed before; running it again", flush=True)
+        dvc("queue", "remove", point.name, capture=True)
+    for point in to_queue:
+        queue(point)
+    return to_queue
+
+
+# --- the report -----------------------------------------------------------------------------
+
+
+def outcome(point: Planned, experiment: Experiment | None) -> Outcome:
+    if experiment is None or experiment.state in ("queued", "running"):
+        return Outcome(point.seed)
+    if experiment.state == "failed":
+        step = diverged_at(experiment)
+        return Outcome(point.seed, diverged_at=step,
+                       failure=None if step is not None else f"`dvc queue logs {point.name}`")
+    test, train = experiment.metrics.get("test", {}), experiment.metrics.get("train", {})
+    return Outcome(point.seed, accuracy=test.get("accuracy"), accuracy_raw=test.get("accuracy_raw"),
+                   steps_per_second=train.get("steps_per_second"), seconds=train.get("seconds"))
+
+
+def build_rows(points: list[Planned], experiments: dict[str, Experiment]) -> list[Row]:
+    rows: dict[str, Row] = {}
+    for point in points:
+        rows.setdefault(point.variant, Row(point.variant)).outcomes.append(outcome(point, experiments.get(point.name)))
+    return list(rows.values())
+
+
+def machine() -> str:
+    """The CPU model and core count, as the README states them."""
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        cpu = platform.processor() or platform.machine()
+    return f"{cpu}, {os.cpu_count()} cores"
+
+
+def footer(points: list[Planned], experiments: dict[str, Experiment], rows: list[Row],
+           wall_seconds: float | None) -> list[str]:
+    """What the numbers are, and when, where and how long they were measured."""
+    finished = [experiments[point.name] for point in points if point.name in experiments
+                and experiments[point.name].state == "success"]
+    dates = sorted(experiment.timestamp for experiment in finished if experiment.timestamp)
+    steps = sorted({experiment.params.get("train", {}).get("steps") for experiment in finished} - {None})
+    training = sum(outcome.seconds or 0.0 for row in rows for outcome in row.outcomes)
+    seeds = max((len(row.outcomes) for row in rows), default=0)
+    seed_range = f"{seeds} seeds per variant (`train.seed` 0..{seeds - 1})" if seeds > 1 else "1 seed (`train.seed` 0)"
+    return [f"{seed_range}, {'/'.join(map(str, steps)) or '?'} steps each; "
+            f"mean ± sample standard deviation over the seeds; the interval is Welch's t interval for the "
+            f"difference of the means; verdict: better or worse only when it excludes 0.",
+            f"Runs from {dates[0] if dates else '-'} to {dates[-1] if dates else '-'} on {machine()}; "
+            f"training time {training / 60:.1f} min summed over the runs"
+            + (f"; this call took {wall_seconds / 60:.1f} min." if wall_seconds is not None else ".")]
+
+
+def write_report(points: list[Planned], experiments: dict[str, Experiment], output: Path,
+                 wall_seconds: float | None) -> list[Row]:
+    rows = build_rows(points, experiments)
+    notes = footer(points, experiments, rows, wall_seconds)
+    table = markdown_table(rows, notes)
+    print(table, end="")
+    write_bytes_atomic(output / TABLE_FILE, table.encode())
+    accuracy_figure(rows, output / FIGURE_FILE, "\n".join(notes))
+    print(f"experiments: wrote {output / TABLE_FILE} and {output / FIGURE_FILE}", flush=True)
+    return rows
+
+
+# --- entry point ----------------------------------------------------------------------------
+
+
+def run_grid(points: list[Planned], jobs: int) -> None:
+    actions = plan(points, read_experiments())
+    if actions["new"] or actions["failed"] or actions["orphaned"]:
+        # Fetch the data once, so that every experiment finds it in the cache instead of downloading it.
+        dvc("repro", "download")
+    prepare(actions)
+    if any(actions[key] for key in ("new", "failed", "orphaned", "queued", "running")):
+        print(f"experiments: running the queue, {jobs} at a time", flush=True)
+        dvc("exp", "run", "--run-all", "--jobs", str(jobs))
+
+
+def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m tasks.experiments", description=__doc__.split("\n")[0])
+    parser.add_argument("--seeds", type=int, default=2, help="seeds per variant: train.seed 0..SEEDS-1")
     parser.add_argument("--steps", type=int, default=None, help="override train.steps (quick runs)")
     parser.add_argument("--jobs", type=int, default=1, help="experiments run at once")
     parser.add_argument("--only", nargs="*", default=[], choices=list(VARIANTS), help="run only these variants")
+    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="where table.md and accuracy.png go")
+    parser.add_argument("--report-only", action="store_true", help="write the table from what has run; run nothing")
+    parser.add_argument("--rev", default="HEAD", help="with --report-only: the commit the experiments were run from")
     args = parser.parse_args(argv)
-    names = queue_variants(args.steps, args.only)
-    print(f"experiments: running {len(names)} queued experiments, {args.jobs} at a time", flush=True)
-    dvc("exp", "run", "--run-all", "--jobs", str(args.jobs))
-    rows = collect_table(names)
-    print(format_table(rows))
-    missing = len(names) - len(rows)
-    if missing:
-        print(f"error: {missing} experiments left no record; see `dvc queue status`", file=sys.stderr)
-    return 1 if missing else 0
+    if args.rev != "HEAD" and not args.report_only:
+        parser.error("--rev needs --report-only: experiments are queued from the current commit")
+    if args.seeds < 1 or (args.steps is not None and args.steps < 1) or args.jobs < 1:
+        parser.error("--seeds, --steps and --jobs must be positive")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_arguments(argv)
+    started = time.perf_counter()
+    points = grid(args.seeds, args.steps, args.only)
+    try:
+        if not args.report_only:
+            run_grid(points, args.jobs)
+        experiments = read_experiments(args.rev)
+    except KeyboardInterrupt:
+        print("experiments: interrupted; queued experiments go on in the background (`dvc queue status`); "
+              "run the same command again to resume and write the table", file=sys.stderr)
+        return 130
+    wall_seconds = None if args.report_only else time.perf_counter() - started
+    rows = write_report(points, experiments, args.output, wall_seconds)
+    unfinished = sum(len(row.outcomes) - len(row.finished) - len(row.diverged) for row in rows)
+    if unfinished and not args.report_only:
+        print(f"error: {unfinished} experiments have no result; see `dvc queue status`", file=sys.stderr)
+    return 1 if unfinished and not args.report_only else 0
 
 
 if __name__ == "__main__":
