@@ -183,6 +183,9 @@ def test_killed_stage_resumes_to_identical_weights(tmp_path: Path, synthetic_sou
     assert "resuming from" in resumed.stdout
     subprocess.run(command, cwd=clean, env=environment, capture_output=True, text=True, check=True)
     _assert_same_state(_final_state_at(killed), _final_state_at(clean))
+    exported = [{str(p.relative_to(root)): p.read_bytes() for p in (root / "models" / "candidate").rglob("*")
+                 if p.is_file()} for root in (killed, clean)]
+    assert exported[0] == exported[1]  # the same candidate, byte for byte: DVC sees nothing new
 
 
 def _final_state_at(root: Path) -> dict[str, np.ndarray]:
