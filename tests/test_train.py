@@ -381,7 +381,7 @@ def test_failed_train_under_dvc_says_how_to_get_the_candidate_back(tmp_path: Pat
     content[20_000] ^= 0x10
     images.write_bytes(bytes(content))
     os.utime(images, ns=(before.st_atime_ns, before.st_mtime_ns))
-    assert "up to date" in dvc(project, "status").stdout
+    assert "up to date" in dvc(project, "status", "train").stdout
     # ... until a params change re-runs train, which checks the data first.
     document = yaml.safe_load((project / "params.yaml").read_text())
     document["train"]["steps"] = 40
