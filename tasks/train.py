@@ -182,6 +182,8 @@ def load_checkpoint(path: Path) -> Checkpoint:
             contents = {key: stored[key] for key in stored.files}
     except _UNREADABLE as error:
         raise CheckpointError(f"unreadable ({type(error).__name__}: {str(error)[:80]})") from None
+    if "digest" not in contents:
+        raise CheckpointError("written by an older version of this code, without a digest")
     expected_ndim = {key: 2 if key == "curve" else 0 for key in _META_KEYS}  # the curve is a table, the rest scalars
     missing = [key for key in _META_KEYS if key not in contents or contents[key].ndim != expected_ndim[key]]
     if missing:
@@ -222,7 +224,7 @@ def find_checkpoint(directory: Path, fingerprint: str, max_step: int,
                 continue
             _check_fits(checkpoint, template)
         except CheckpointError as error:
-            notes.append(f"ignoring damaged checkpoint {path.name}: {error}")
+            notes.append(f"ignoring checkpoint {path.name}: {error}")
             continue
         if checkpoint.step <= max_step:
             return checkpoint, notes

@@ -264,6 +264,15 @@ def _other_network(path: Path) -> bytes:
     return next(scratch.iterdir()).read_bytes()
 
 
+def _without_digest(path: Path) -> bytes:
+    """The checkpoint as the code before digests wrote it."""
+    with np.load(path) as stored:
+        contents = {key: stored[key] for key in stored.files if key != "digest"}
+    buffer = io.BytesIO()
+    np.savez(buffer, **contents)
+    return buffer.getvalue()
+
+
 DAMAGES = {
     "empty": lambda data, path: b"",
     "truncated": lambda data, path: data[: len(data) // 2],
@@ -271,6 +280,7 @@ DAMAGES = {
     "bit-flip-in-zip-signature": lambda data, path: _flip_bit(data, 3),
     "random-bytes": lambda data, path: np.random.default_rng(0).bytes(len(data)),
     "arrays-of-another-network": lambda data, path: _other_network(path),
+    "older-format-without-digest": lambda data, path: _without_digest(path),
 }
 
 
@@ -284,7 +294,7 @@ def test_damaged_newest_checkpoint_is_skipped_with_a_message(interrupted_run, tm
     newest.write_bytes(DAMAGES[damage](newest.read_bytes(), newest))
     summary = _run(params, root)
     output = capsys.readouterr().out
-    assert "train: ignoring damaged checkpoint ckpt-000000040.npz: " in output
+    assert "train: ignoring checkpoint ckpt-000000040.npz: " in output
     notes = [line for line in output.splitlines() if "ignoring" in line]
     assert len(notes) == 1 and len(notes[0]) < 200  # one short line, not a traceback
     assert summary.resumed_from_step == 20
@@ -300,7 +310,7 @@ def test_every_checkpoint_damaged_starts_fresh(interrupted_run, tmp_path: Path,
         path.write_bytes(path.read_bytes()[:100])
     summary = _run(params, root)
     output = capsys.readouterr().out
-    assert output.count("ignoring damaged checkpoint") == 2 and "starting fresh" in output
+    assert output.count("ignoring checkpoint") == 2 and "starting fresh" in output
     assert summary.resumed_from_step == 0
     _assert_same_state(_final_state(root), expected)
 
