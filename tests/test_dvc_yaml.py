@@ -64,25 +64,28 @@ def test_the_committed_remote_refuses_a_tampered_object(tmp_path: Path) -> None:
         return subprocess.run(list(command), cwd=cwd, env=environment, capture_output=True, text=True, check=check)
 
     project = tmp_path / "project"
-    (project / "data").mkdir(parents=True)
+    (project / "data" / "raw").mkdir(parents=True)
     run("git", "init", "-q", cwd=project)
     run(sys.executable, "-m", "dvc", "init", "-q", cwd=project)
     shutil.copy(REPO_ROOT / ".dvc" / "config", project / ".dvc" / "config")
     labels = bytes(range(10)) * 1000
-    (project / "data" / "labels").write_bytes(labels)
-    run(sys.executable, "-m", "dvc", "add", "-q", "data/labels", cwd=project)
+    (project / "data" / "raw" / "labels").write_bytes(labels)  # a directory output, like data/raw
+    (project / "data" / "raw" / "images").write_bytes(bytes(5000))
+    run(sys.executable, "-m", "dvc", "add", "-q", "data/raw", cwd=project)
     run("git", "add", "-A", cwd=project)
     run("git", "-c", "user.email=t@example.invalid", "-c", "user.name=t", "commit", "-q", "-m", "data", cwd=project)
     run(sys.executable, "-m", "dvc", "push", "-q", cwd=project)
-    (stored,) = [path for path in (home / ".dvc-remotes" / "mnist-pipeline").rglob("*") if path.is_file()]
+    remote = home / ".dvc-remotes" / "mnist-pipeline"
+    (stored,) = [path for path in remote.rglob("*") if path.is_file() and path.read_bytes() == labels]
     stored.chmod(0o644)
-    tampered = bytearray(stored.read_bytes())
+    tampered = bytearray(labels)
     tampered[1234] = (tampered[1234] + 1) % 10  # one label changed, same size
     stored.write_bytes(bytes(tampered))
     clone = tmp_path / "clone"
     run("git", "clone", "-q", str(project), str(clone), cwd=tmp_path)
     pulled = run(sys.executable, "-m", "dvc", "pull", cwd=clone, check=False)
     assert pulled.returncode != 0
-    assert not (clone / "data" / "labels").exists()
-    assert not [path for path in (clone / ".dvc" / "cache").rglob("*") if path.is_file()]
+    assert not (clone / "data" / "raw" / "labels").exists()
+    cached = [path.read_bytes() for path in (clone / ".dvc" / "cache").rglob("*") if path.is_file()]
+    assert bytes(tampered) not in cached
     assert "up to date" not in run(sys.executable, "-m", "dvc", "status", cwd=clone).stdout
