@@ -314,10 +314,15 @@ def read_params_document(path: Path) -> Any:
         raise ParamsError(f"{path}: not valid YAML: {_shorten(str(error), 300)}") from None
 
 
-@cache
 def load_params(path: Path = DEFAULT_PARAMS_PATH) -> Params:
-    """Read and validate params.yaml once per process."""
-    return parse_params(read_params_document(Path(path)), Path(path))
+    """Read and validate params.yaml once per process (per file: a relative path is taken from
+    the working directory at the time of the call)."""
+    return _load_params(Path(path).resolve(), Path(path))
+
+
+@cache
+def _load_params(resolved: Path, shown: Path) -> Params:
+    return parse_params(read_params_document(shown), shown)
 
 
 def run_stage(argv: list[str] | None, description: str, work: Callable[[Params], object],

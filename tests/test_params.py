@@ -209,3 +209,14 @@ def test_long_values_and_many_errors_are_cut_short() -> None:
         parse_params(document)
     message = str(caught.value)
     assert len(message) < 2000 and "... and 40 more" in message and "xxx..." in message
+
+
+def test_a_relative_path_is_read_from_the_current_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """load_params caches per file, not per spelling: `params.yaml` in two directories is two files."""
+    for name, steps in (("first", 100), ("second", 200)):
+        document = base_params_document()
+        document["train"]["steps"] = steps
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "params.yaml").write_text(yaml.safe_dump(document))
+        monkeypatch.chdir(tmp_path / name)
+        assert load_params(Path("params.yaml")).train.steps == steps
