@@ -11,6 +11,11 @@ Python does not dispatch each step. Determinism: the initial weights and the bat
 pure functions of ``train.seed`` (and, for batches, of the step), so a resumed run ends with
 the same weights as an uninterrupted one.
 
+Safety: the data is checked against ``data.sha256`` before use; a batch loss that is NaN,
+infinite or above ``train.max_loss`` stops the run (``TrainingDiverged``) without touching the
+candidate; each checkpoint carries a SHA-256 of its contents, and a damaged one is passed over
+with a note in favour of the previous one.
+
 Outputs: ``models/candidate/`` (SavedModel, EMA weights serve), ``reports/train/curve.csv``
 (DVC plots) and ``reports/train/summary.json``. Checkpoints go to ``checkpoints/``, which DVC
 does not manage, so they survive the stage being re-run.
