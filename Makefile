@@ -17,6 +17,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
+# params.yaml is checked before DVC reads it: a hostile file (a YAML alias bomb) fails at once.
 run: $(STAMP)
 	$(PYTHON) -m tasks.params check params.yaml
 	dvc repro
@@ -44,6 +45,7 @@ serve: $(STAMP)
 
 # The seed's comparison table: each optimisation dropped in turn, as queued DVC experiments.
 experiments: $(STAMP)
+	$(PYTHON) -m tasks.params check params.yaml
 	$(PYTHON) -m tasks.experiments
 
 bench: $(STAMP)
