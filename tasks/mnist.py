@@ -99,7 +99,7 @@ def verify_checksums(directory: Path, expected: Mapping[str, str]) -> None:
 
     DVC takes a file whose size and modification time are unchanged to be unchanged, so a byte
     altered in place goes unseen by `dvc status` and `dvc repro`. Hashing all of MNIST (55 MB)
-    takes about 50 ms, so every stage that reads the data checks it first."""
+    takes about 40 ms, so every stage that reads the data checks it first."""
     directory = Path(directory)
     restore = (f"restore it with `dvc checkout --relink {directory}`, or download it again with "
                f"`dvc repro --force download`")

@@ -217,19 +217,19 @@ def _check_fits(checkpoint: Checkpoint, template: dict[str, np.ndarray]) -> None
 
 
 def find_checkpoint(directory: Path, fingerprint: str, max_step: int,
-                    template: dict[str, np.ndarray]) -> tuple[Checkpoint | None, list[str]]:
+                    template: dict[str, np.ndarray]) -> tuple[Checkpoint | None, dict[Path, str]]:
     """The newest sound checkpoint of this run at or before ``max_step``, and a note on each
     one passed over because it is damaged or of other params or data."""
-    notes = []
+    notes = {}
     for path in sorted(directory.glob("ckpt-*.npz"), reverse=True):
         try:
             checkpoint = load_checkpoint(path)
             if checkpoint.fingerprint != fingerprint:
-                notes.append(f"ignoring {path.name}: params or data changed since it was written")
+                notes[path] = f"ignoring {path.name}: params or data changed since it was written"
                 continue
             _check_fits(checkpoint, template)
         except CheckpointError as error:
-            notes.append(f"ignoring checkpoint {path.name}: {error}")
+            notes[path] = f"ignoring checkpoint {path.name}: {error}"
             continue
         if checkpoint.step <= max_step:
             return checkpoint, notes
@@ -314,16 +314,16 @@ def _export_atomically(trainer, candidate_dir: Path) -> None:
 def _restore(trainer, checkpoints: Path, fingerprint: str, train: TrainParams) -> tuple[list, float]:
     """Load the newest sound checkpoint of this run into ``trainer``; return (curve so far,
     seconds so far). Checkpoints that are damaged or of other params or data are passed over
-    with a note; when none is left to resume from, they are deleted and training starts fresh."""
+    with a note; when none is left to resume from, those are deleted and training starts fresh."""
     checkpoints.mkdir(parents=True, exist_ok=True)
     found, notes = find_checkpoint(checkpoints, fingerprint, train.steps, trainer.state())
-    for note in notes:
+    for note in notes.values():
         print(f"train: {note}", flush=True)
     if found is None:
         if notes:
             print("train: no usable checkpoint of these params and data; starting fresh", flush=True)
-            for stale in checkpoints.glob("ckpt-*.npz"):
-                stale.unlink(missing_ok=True)
+            for passed_over in notes:  # they would only crowd out the new run's checkpoints
+                passed_over.unlink(missing_ok=True)
         else:
             print("train: no checkpoint; starting from step 0", flush=True)
         return [], 0.0
