@@ -17,6 +17,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
+# params.yaml is checked before DVC reads it: a hostile file (a YAML alias bomb) fails at once.
 run: $(STAMP)
 	$(PYTHON) -m tasks.params check params.yaml
 	dvc repro
@@ -48,6 +49,7 @@ serve: $(STAMP)
 SEEDS ?= 2
 STEPS ?=
 experiments: $(STAMP)
+	$(PYTHON) -m tasks.params check params.yaml
 	$(PYTHON) -m tasks.experiments --seeds $(SEEDS) $(if $(STEPS),--steps $(STEPS))
 
 bench: $(STAMP)

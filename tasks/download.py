@@ -31,6 +31,7 @@ import time
 import urllib.error
 import urllib.request
 import zipfile
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -65,11 +66,31 @@ def _verify(data: bytes, expected: str, what: str) -> None:
         raise SourceError(f"{what}: SHA-256 {actual[:16]}... does not match the expected {expected[:16]}...")
 
 
-def _gunzip(data: bytes, what: str) -> bytes:
+def expected_sizes(data: DataParams) -> dict[str, int]:
+    """Bytes of each IDX file, from the example counts: a header, then one byte per pixel or label."""
+    counts = {"train": sum(data.class_counts.train), "t10k": sum(data.class_counts.test)}
+    image_bytes = mnist.IMAGE_SIDE * mnist.IMAGE_SIDE
+    return {name: 16 + counts[name.split("-")[0]] * image_bytes if "images" in name else 8 + counts[name.split("-")[0]]
+            for name in IDX_FILE_NAMES}
+
+
+def packed_limit(size: int) -> int:
+    """The most a gzip of ``size`` bytes can take: deflate adds 5 bytes per 64 KiB stored block."""
+    return size + size // 1024 + 1024
+
+
+def _gunzip(packed: bytes, what: str, limit: int) -> bytes:
+    """Decompress in a stream and stop past ``limit`` bytes. A gzip can stand for a thousand times
+    its size (14 MB for 14 GB of zeros), so the size is enforced while decompressing, not after:
+    memory stays within ``limit``."""
     try:
-        return gzip.decompress(data)
-    except (OSError, EOFError) as error:
+        with gzip.GzipFile(fileobj=io.BytesIO(packed)) as stream:
+            content = stream.read(limit + 1)
+    except (OSError, EOFError, zlib.error) as error:
         raise SourceError(f"{what}: not a valid gzip file ({error})") from None
+    if len(content) > limit:
+        raise SourceError(f"{what}: expands past the {limit} bytes expected; refusing it")
+    return content
 
 
 def _with_retries(action: Callable[[], T], retries: int, backoff: float, what: str) -> T:
@@ -85,14 +106,19 @@ def _with_retries(action: Callable[[], T], retries: int, backoff: float, what: s
     raise AssertionError("unreachable")
 
 
-def _http_get(url: str, timeout: float) -> bytes:
+def _http_get(url: str, timeout: float, limit: int) -> bytes:
+    """The body at ``url``, refused as soon as it is known to exceed ``limit`` bytes."""
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:
             total = int(response.headers.get("Content-Length") or 0)
+            if total > limit:
+                raise SourceError(f"{url}: {total} bytes is more than the {limit} expected")
             chunks, received, next_report = [], 0, 0.25
             while block := response.read(1 << 20):
                 chunks.append(block)
                 received += len(block)
+                if received > limit:
+                    raise SourceError(f"{url}: more than the {limit} bytes expected")
                 if total > 4 << 20 and received / total >= next_report:
                     print(f"  {url}: {received >> 20} of {total >> 20} MiB", flush=True)
                     next_report += 0.25
@@ -112,13 +138,13 @@ def _http_get(url: str, timeout: float) -> bytes:
 
 
 def fetch_from_mirror(base_url: str, data: DataParams, destination: Path) -> None:
-    for name in IDX_FILE_NAMES:
+    for name, size in expected_sizes(data).items():
         url = base_url + name + ".gz"
-        packed = _with_retries(lambda url=url: _http_get(url, data.timeout_seconds),
+        packed = _with_retries(lambda url=url, size=size: _http_get(url, data.timeout_seconds, packed_limit(size)),
                                data.retries, data.backoff_seconds, url)
         if name in data.gzip_sha256:
             _verify(packed, data.gzip_sha256[name], url)
-        _write_verified(destination / name, _gunzip(packed, url), data.sha256[name])
+        _write_verified(destination / name, _gunzip(packed, url, size), data.sha256[name])
 
 
 def _write_verified(path: Path, content: bytes, expected_sha256: str) -> None:
@@ -130,15 +156,21 @@ def fetch_from_directory(source: str, data: DataParams, destination: Path) -> No
     directory = Path(unquote(urlparse(source).path)) if source.startswith("file:") else Path(source)
     if not directory.is_dir():
         raise SourceError(f"{directory} is not a directory")
-    for name in IDX_FILE_NAMES:
+    for name, size in expected_sizes(data).items():
         plain, packed = directory / name, directory / (name + ".gz")
         if plain.is_file():
-            content = plain.read_bytes()
+            content = _read_at_most(plain, size)
         elif packed.is_file():
-            content = _gunzip(packed.read_bytes(), str(packed))
+            content = _gunzip(_read_at_most(packed, packed_limit(size)), str(packed), size)
         else:
             raise SourceError(f"neither {plain.name} nor {packed.name} is in {directory}")
         _write_verified(destination / name, content, data.sha256[name])
+
+
+def _read_at_most(path: Path, limit: int) -> bytes:
+    if path.stat().st_size > limit:
+        raise SourceError(f"{path}: {path.stat().st_size} bytes is more than the {limit} expected")
+    return path.read_bytes()
 
 
 class NumpyOnlyUnpickler(pickle.Unpickler):

@@ -1,8 +1,8 @@
 """Stage `evaluate`: score the candidate model and draw what a person needs to judge it.
 
-Loads ``models/candidate/`` (a SavedModel: graphs and tensors, no code runs on load) and
-evaluates its moving-average weights, and its raw weights for comparison, on the 10000 test
-images and on the validation split. Writes
+Checks ``data/raw/`` against ``data.sha256``, then loads ``models/candidate/`` (a SavedModel:
+graphs and tensors, no code runs on load) and evaluates its moving-average weights, and its
+raw weights for comparison, on the 10000 test images and on the validation split. Writes
 
 * ``reports/metrics.json``: ``test.accuracy`` (EMA), ``test.accuracy_raw``, ``test.loss``,
   ``test.errors``, ``validation.accuracy``, ``validation.accuracy_raw``, ``train.steps``,
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +26,7 @@ import numpy as np
 from tasks import mnist, plots
 from tasks.params import EvaluateParams, Params, run_stage
 
-PARAMS_SECTIONS = ("evaluate", "data.validation_size")
+PARAMS_SECTIONS = ("evaluate", "data.validation_size", "data.sha256")
 
 
 @dataclass(frozen=True)
@@ -77,10 +78,14 @@ def write_plots(plots_dir: Path, test: mnist.Split, predicted: np.ndarray, curve
 
 
 def evaluate_candidate(evaluate: EvaluateParams, validation_size: int, data_dir: Path, candidate_dir: Path,
-                       train_reports: Path, metrics_path: Path, plots_dir: Path) -> dict:
-    """Score the candidate; write metrics.json and the plots; return the metrics."""
+                       train_reports: Path, metrics_path: Path, plots_dir: Path, *,
+                       data_sha256: Mapping[str, str]) -> dict:
+    """Score the candidate; write metrics.json and the plots; return the metrics.
+
+    ``data_sha256`` (params.yaml ``data.sha256``): the data files are checked against it first."""
     from tasks.model import load_serving_model
 
+    mnist.verify_checksums(Path(data_dir), data_sha256)
     loaded = load_serving_model(str(candidate_dir))
     test_split = mnist.load_split(data_dir, "test", validation_size)
     test = score(loaded, test_split, evaluate.batch_size)
@@ -98,7 +103,8 @@ def evaluate_candidate(evaluate: EvaluateParams, validation_size: int, data_dir:
 def _evaluate_from_params(params: Params) -> dict:
     paths = params.paths
     return evaluate_candidate(params.evaluate, params.data.validation_size, Path(paths.raw_data),
-                              Path(paths.candidate), Path(paths.train_reports), Path(paths.metrics), Path(paths.plots))
+                              Path(paths.candidate), Path(paths.train_reports), Path(paths.metrics), Path(paths.plots),
+                              data_sha256=params.data.sha256)
 
 
 def main(argv: list[str] | None = None) -> int:

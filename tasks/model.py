@@ -17,11 +17,17 @@ evaluation can report both.
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import tensorflow as tf
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
+from tensorflow.core.protobuf import fingerprint_pb2, saved_model_pb2
+from tensorflow.python.saved_model.pywrap_saved_model import fingerprinting  # TF's own fingerprint hashes
 
 from tasks.params import ModelParams
 
@@ -111,18 +117,85 @@ class ServingModel(tf.Module):
 
 
 def export(model: ServingModel, directory: str) -> None:
+    """Save ``model`` as a SavedModel whose bytes depend only on its weights and this code.
+
+    TensorFlow names each traced function after a process-wide counter
+    (``__inference_serve_float_189``) and writes a random UUID into ``fingerprint.pb``, so the
+    same weights saved by a process that had traced more before would differ in bytes, and DVC
+    would see a changed model. The names are rewritten to their order of creation within this
+    export and the fingerprint is derived from the rewritten files."""
     tf.saved_model.save(model, directory, signatures=model.signatures())
-    _make_fingerprint_reproducible(Path(directory) / "fingerprint.pb")
+    _canonicalise_saved_model(Path(directory) / "saved_model.pb")
+    _make_fingerprint_reproducible(Path(directory))
 
 
-def _make_fingerprint_reproducible(path: Path) -> None:
-    """TensorFlow writes a random UUID into fingerprint.pb on every save, so two identical models
-    would differ in bytes (and in DVC's hashes). Derive the UUID from the model's own hashes."""
-    from tensorflow.core.protobuf import fingerprint_pb2
+_COUNTER_SUFFIX = re.compile(r"^(.*?)_(\d+)$")
 
+
+def _canonical_names(saved_model: saved_model_pb2.SavedModel) -> dict[str | bytes, str | bytes]:
+    """Counter-numbered names -> names numbered by rank: functions, and the numeric placeholder
+    names TensorFlow gives a signature wrapper's captured variables (``_user_specified_name``)."""
+    renames: dict[str | bytes, str | bytes] = {}
+    library = [function for meta in saved_model.meta_graphs for function in meta.graph_def.library.function]
+    names = [function.signature.name for function in library]
+    numbered = sorted((int(match[2]), name, match[1]) for name in names if (match := _COUNTER_SUFFIX.match(name)))
+    renames.update({name: f"{stem}_{rank}" for rank, (_, name, stem) in enumerate(numbered)})
+    captured = {attr.s for function in library for arguments in function.arg_attr.values()
+                for key, attr in arguments.attr.items() if key == "_user_specified_name" and attr.s.isdigit()}
+    renames.update({value: str(rank).encode() for rank, value in enumerate(sorted(captured, key=int))})
+    return renames
+
+
+def _rename_everywhere(message: Message, renames: dict) -> None:
+    """Replace every string or bytes field (and map key) of ``message`` found in ``renames``."""
+    for field, value in message.ListFields():
+        if field.type == FieldDescriptor.TYPE_MESSAGE and field.message_type.GetOptions().map_entry:
+            _rename_map(value, field.message_type.fields_by_name["value"].type, renames)
+        elif field.type == FieldDescriptor.TYPE_MESSAGE:
+            for item in value if field.is_repeated else [value]:
+                _rename_everywhere(item, renames)
+        elif field.type in (FieldDescriptor.TYPE_STRING, FieldDescriptor.TYPE_BYTES):
+            if field.is_repeated:
+                value[:] = [renames.get(item, item) for item in value]
+            elif value in renames:
+                setattr(message, field.name, renames[value])
+
+
+def _rename_map(entries: Any, value_type: int, renames: dict) -> None:
+    items = list(entries.items())
+    if value_type == FieldDescriptor.TYPE_MESSAGE:
+        for _, item in items:
+            _rename_everywhere(item, renames)
+        items = [(key, item.SerializeToString(deterministic=True)) for key, item in items]
+        entries.clear()
+        for key, data in items:
+            entries[renames.get(key, key)].ParseFromString(data)
+    else:
+        entries.clear()
+        for key, item in items:
+            entries[renames.get(key, key)] = renames.get(item, item)
+
+
+def _canonicalise_saved_model(path: Path) -> None:
+    saved_model = saved_model_pb2.SavedModel.FromString(path.read_bytes())
+    _rename_everywhere(saved_model, _canonical_names(saved_model))
+    for meta in saved_model.meta_graphs:  # the library's order follows the old names: sort it
+        library = meta.graph_def.library.function
+        ordered = [function.SerializeToString(deterministic=True)
+                   for function in sorted(library, key=lambda function: function.signature.name)]
+        del library[:]
+        for data in ordered:
+            library.add().ParseFromString(data)
+    path.write_bytes(saved_model.SerializeToString(deterministic=True))
+
+
+def _make_fingerprint_reproducible(directory: Path) -> None:
+    """Recompute fingerprint.pb from the rewritten saved_model.pb (TensorFlow's own hashes), and
+    replace its random UUID with one derived from those hashes."""
+    path = directory / "fingerprint.pb"
     if not path.exists():
         return
-    fingerprint = fingerprint_pb2.FingerprintDef.FromString(path.read_bytes())
+    fingerprint = fingerprint_pb2.FingerprintDef.FromString(fingerprinting.CreateFingerprintDef(str(directory)))
     fingerprint.uuid = ""
     digest = hashlib.sha256(fingerprint.SerializeToString(deterministic=True)).hexdigest()
     fingerprint.uuid = str(int(digest[:32], 16))

@@ -28,6 +28,7 @@ import hashlib
 import json
 import subprocess
 import sys
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -44,7 +45,7 @@ from tasks.production import (
     versions,
 )
 
-PARAMS_SECTIONS = ("promote",)
+PARAMS_SECTIONS = ("promote", "data.sha256")
 
 
 class PromotionError(RuntimeError):
@@ -127,15 +128,19 @@ def _judge(promote: PromoteParams, candidate_dir: Path, production: Path, test: 
 
 
 def promote_candidate(promote: PromoteParams, candidate_dir: Path, data_dir: Path, production: Path,
-                      registry: Path, promotion: Path, params_file: Path) -> Decision:
+                      registry: Path, promotion: Path, params_file: Path, *,
+                      data_sha256: Mapping[str, str]) -> Decision:
     """Judge the candidate against the thresholds and the re-evaluated champion; publish if blessed.
 
-    The registry records the decision before a blessed version becomes visible."""
+    The test files are checked against ``data_sha256`` (params.yaml ``data.sha256``) first. The
+    registry records the decision before a blessed version becomes visible."""
+    test_files = (mnist.TEST_IMAGES, mnist.TEST_LABELS)
+    mnist.verify_checksums(data_dir, {name: data_sha256[name] for name in test_files})
     with locked(production):
         _reconcile(production, registry, promotion)
         test = mnist.load_split(data_dir, "test", validation_size=0)
         decision = _judge(promote, candidate_dir, production, test)
-        data_files = [data_dir / name for name in (mnist.TEST_IMAGES, mnist.TEST_LABELS)]
+        data_files = [data_dir / name for name in test_files]
         entry = {"action": "promote", "time": now(), "git_revision": _git_revision(),
                  "data_fingerprint": _fingerprint(data_files), "params_fingerprint": _fingerprint([params_file]),
                  **asdict(decision)}
@@ -191,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
             rollback(Path(paths.production), Path(paths.registry), args.to, params.promote.keep_versions)
         else:
             promote_candidate(params.promote, Path(paths.candidate), Path(paths.raw_data), Path(paths.production),
-                              Path(paths.registry), Path(paths.promotion), args.params)
+                              Path(paths.registry), Path(paths.promotion), args.params, data_sha256=params.data.sha256)
     except (ParamsError, PromotionError, RegistryError, mnist.DataError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -11,6 +11,11 @@ Python does not dispatch each step. Determinism: the initial weights and the bat
 pure functions of ``train.seed`` (and, for batches, of the step), so a resumed run ends with
 the same weights as an uninterrupted one.
 
+Safety: the data is checked against ``data.sha256`` before use; a batch loss that is NaN,
+infinite or above ``train.max_loss`` stops the run (``TrainingDiverged``) without touching the
+candidate; each checkpoint carries a SHA-256 of its contents, and a damaged one is passed over
+with a note in favour of the previous one.
+
 Outputs: ``models/candidate/`` (SavedModel, EMA weights serve), ``reports/train/curve.csv``
 (DVC plots) and ``reports/train/summary.json``. Checkpoints go to ``checkpoints/``, which DVC
 does not manage, so they survive the stage being re-run.
@@ -27,6 +32,9 @@ import shutil
 import sys
 import tempfile
 import time
+import zipfile
+import zlib
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -35,14 +43,15 @@ import numpy as np
 from tasks import mnist
 from tasks.params import ModelParams, Params, TrainParams, run_stage
 
-PARAMS_SECTIONS = ("model", "train", "data.validation_size")
+PARAMS_SECTIONS = ("model", "train", "data.validation_size", "data.sha256")
 CURVE_COLUMNS = ("step", "loss", "learning_rate", "validation_accuracy_raw", "validation_accuracy")
 # Fields that change how long or how often we look, not what is computed at each step.
-_NOT_IN_FINGERPRINT = {"steps", "eval_every", "checkpoint_every", "keep_checkpoints", "steps_per_call"}
+_NOT_IN_FINGERPRINT = {"steps", "eval_every", "checkpoint_every", "keep_checkpoints", "steps_per_call", "max_loss"}
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; nothing was written to the candidate directory."""
+    """The loss became NaN or infinite or rose above ``train.max_loss``; the candidate model
+    was not replaced."""
 
 
 @dataclass(frozen=True)
@@ -96,10 +105,9 @@ class BatchOrder:
         return np.asarray(rows, dtype=np.int32)
 
 
-def data_fingerprint(data_dir: Path) -> str:
-    return hashlib.sha256(
-        "".join(mnist.sha256_of(Path(data_dir) / name) for name in (mnist.TRAIN_IMAGES, mnist.TRAIN_LABELS)).encode()
-    ).hexdigest()
+def data_fingerprint(data_sha256: Mapping[str, str]) -> str:
+    """Of the training files, from their verified checksums (the files are not hashed again)."""
+    return hashlib.sha256((data_sha256[mnist.TRAIN_IMAGES] + data_sha256[mnist.TRAIN_LABELS]).encode()).hexdigest()
 
 
 def run_fingerprint(model: ModelParams, train: TrainParams, validation_size: int, data_digest: str) -> str:
@@ -127,41 +135,105 @@ def _checkpoint_path(directory: Path, step: int) -> Path:
     return directory / f"ckpt-{step:09d}.npz"
 
 
-def save_checkpoint(directory: Path, step: int, fingerprint: str, state: dict[str, np.ndarray],
-                    curve: list[tuple[float, ...]], keep: int, seconds: float) -> None:
+@dataclass(frozen=True)
+class Checkpoint:
     """``seconds``: training time up to ``step``, over every session, so a resumed run reports
     the speed of the whole run."""
+
+    step: int
+    fingerprint: str
+    state: dict[str, np.ndarray]
+    curve: list[tuple[float, ...]]
+    seconds: float
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is damaged or does not fit this run; training falls back to an older one."""
+
+
+_META_KEYS = ("step", "fingerprint", "seconds", "curve", "digest")
+# What numpy and zipfile raise on damaged .npz files (tests/test_train.py flips thousands of bits
+# of one); RuntimeError is zipfile's "encrypted" flag, set by a flipped bit.
+_UNREADABLE = (OSError, EOFError, ValueError, KeyError, NotImplementedError, RuntimeError, zipfile.BadZipFile,
+               zlib.error)
+
+
+def _digest(step: int, fingerprint: str, seconds: float, curve: np.ndarray, state: dict[str, np.ndarray]) -> str:
+    """SHA-256 over everything a checkpoint holds: any damaged byte of content shows here."""
+    digest = hashlib.sha256(f"{step}|{fingerprint}|{seconds!r}".encode())
+    for name, array in [("curve", curve), *sorted(state.items())]:
+        array = np.ascontiguousarray(array)
+        digest.update(f"|{name}|{array.dtype.str}|{array.shape}|".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def save_checkpoint(directory: Path, checkpoint: Checkpoint, keep: int) -> None:
+    """Write atomically, then keep only the newest ``keep`` checkpoints."""
+    curve = np.asarray(checkpoint.curve, dtype=np.float64).reshape(-1, len(CURVE_COLUMNS))
+    digest = _digest(checkpoint.step, checkpoint.fingerprint, checkpoint.seconds, curve, checkpoint.state)
     buffer = io.BytesIO()
-    np.savez(buffer, step=np.int64(step), fingerprint=np.str_(fingerprint), seconds=np.float64(seconds),
-             curve=np.asarray(curve, dtype=np.float64).reshape(-1, len(CURVE_COLUMNS)), **state)
-    mnist.write_bytes_atomic(_checkpoint_path(directory, step), buffer.getvalue())
+    np.savez(buffer, step=np.int64(checkpoint.step), fingerprint=np.str_(checkpoint.fingerprint),
+             seconds=np.float64(checkpoint.seconds), curve=curve, digest=np.str_(digest), **checkpoint.state)
+    mnist.write_bytes_atomic(_checkpoint_path(directory, checkpoint.step), buffer.getvalue())
     for old in sorted(directory.glob("ckpt-*.npz"))[:-keep]:
         old.unlink(missing_ok=True)
 
 
-def find_checkpoint(directory: Path, fingerprint: str, max_step: int) -> tuple[Path | None, list[str]]:
-    """The newest checkpoint of this run at or before ``max_step``, and notes on the others."""
-    notes = []
+def load_checkpoint(path: Path) -> Checkpoint:
+    """The checkpoint in ``path``, whole and verified against its digest, or CheckpointError."""
+    try:
+        with np.load(path, allow_pickle=False) as stored:
+            contents = {key: stored[key] for key in stored.files}
+    except _UNREADABLE as error:
+        raise CheckpointError(f"unreadable ({type(error).__name__}: {str(error)[:80]})") from None
+    if "digest" not in contents:
+        raise CheckpointError("written by an older version of this code, without a digest")
+    expected_ndim = {key: 2 if key == "curve" else 0 for key in _META_KEYS}  # the curve is a table, the rest scalars
+    missing = [key for key in _META_KEYS if key not in contents or contents[key].ndim != expected_ndim[key]]
+    if missing:
+        raise CheckpointError(f"{', '.join(missing)} missing or malformed")
+    try:
+        step, fingerprint = int(contents.pop("step")), str(contents.pop("fingerprint"))
+        seconds, curve = float(contents.pop("seconds")), contents.pop("curve")
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"malformed ({error})") from None
+    if str(contents.pop("digest")) != _digest(step, fingerprint, seconds, curve, contents):
+        raise CheckpointError("its contents do not match its digest (damaged)")
+    return Checkpoint(step, fingerprint, contents, [tuple(row) for row in curve.tolist()], seconds)
+
+
+def _check_fits(checkpoint: Checkpoint, template: dict[str, np.ndarray]) -> None:
+    """The arrays are those of this network, the numbers make sense: or CheckpointError."""
+    layout = {name: (array.dtype, array.shape) for name, array in checkpoint.state.items()}
+    if layout != {name: (array.dtype, array.shape) for name, array in template.items()}:
+        raise CheckpointError("its arrays do not match this network's variables")
+    if checkpoint.step < 1 or (checkpoint.curve and checkpoint.curve[-1][0] > checkpoint.step):
+        raise CheckpointError(f"step {checkpoint.step} does not fit its training curve")
+    if not (np.isfinite(checkpoint.seconds) and checkpoint.seconds >= 0):
+        raise CheckpointError(f"training time {checkpoint.seconds} is not a duration")
+    if not all(np.isfinite(array).all() for array in checkpoint.state.values()):
+        raise CheckpointError("it holds non-finite weights")
+
+
+def find_checkpoint(directory: Path, fingerprint: str, max_step: int,
+                    template: dict[str, np.ndarray]) -> tuple[Checkpoint | None, dict[Path, str]]:
+    """The newest sound checkpoint of this run at or before ``max_step``, and a note on each
+    one passed over because it is damaged or of other params or data."""
+    notes = {}
     for path in sorted(directory.glob("ckpt-*.npz"), reverse=True):
         try:
-            with np.load(path, allow_pickle=False) as stored:
-                found, step = str(stored["fingerprint"]), int(stored["step"])
-        except (OSError, ValueError, KeyError) as error:
-            notes.append(f"ignoring unreadable checkpoint {path.name} ({error})")
+            checkpoint = load_checkpoint(path)
+            if checkpoint.fingerprint != fingerprint:
+                notes[path] = f"ignoring {path.name}: params or data changed since it was written"
+                continue
+            _check_fits(checkpoint, template)
+        except CheckpointError as error:
+            notes[path] = f"ignoring checkpoint {path.name}: {error}"
             continue
-        if found != fingerprint:
-            notes.append(f"ignoring {path.name}: params or data changed since it was written")
-        elif step <= max_step:
-            return path, notes
+        if checkpoint.step <= max_step:
+            return checkpoint, notes
     return None, notes
-
-
-def load_checkpoint(path: Path) -> tuple[int, dict[str, np.ndarray], list[tuple[float, ...]], float]:
-    """(step, variables, curve so far, training seconds so far)."""
-    with np.load(path, allow_pickle=False) as stored:
-        state = {key: stored[key] for key in stored.files if key not in ("step", "fingerprint", "curve", "seconds")}
-        curve = [tuple(row) for row in stored["curve"].tolist()]
-        return int(stored["step"]), state, curve, float(stored["seconds"])
 
 
 # --- the loop ------------------------------------------------------------------------------
@@ -174,14 +246,19 @@ def _next_stop(step: int, train: TrainParams) -> int:
     return min(stops)
 
 
-def _check_finite(losses: np.ndarray, first_step: int, train: TrainParams, decay_steps: int) -> None:
-    bad = np.flatnonzero(~np.isfinite(losses))
+def _check_divergence(losses: np.ndarray, first_step: int, train: TrainParams, decay_steps: int) -> None:
+    """Stop on a NaN or infinite loss, and on a finite one above ``train.max_loss``: a rate too
+    large can throw the loss up by orders of magnitude and back, leaving a useless model."""
+    bad = np.flatnonzero(~np.isfinite(losses) | (losses > train.max_loss))
     if bad.size:
-        step = first_step + int(bad[0])
+        step, loss = first_step + int(bad[0]), float(losses[bad[0]])
+        what = f"became {loss}"
+        if np.isfinite(loss):
+            what = f"reached {loss:.4g} (above train.max_loss {train.max_loss:g})"
         raise TrainingDiverged(
-            f"training diverged: the loss became {losses[bad[0]]} at step {step} with learning rate "
-            f"{learning_rate_at(step, train, decay_steps):.4g}; lower train.learning_rate "
-            f"(nothing was written to the candidate model)"
+            f"training diverged: the loss {what} at step {step} with learning rate "
+            f"{learning_rate_at(step, train, decay_steps):.4g}; lower train.learning_rate (the candidate model was "
+            f"not replaced)"
         )
 
 
@@ -203,7 +280,7 @@ def run_training(trainer, order: BatchOrder, train: TrainParams, validation: mni
     while step < train.steps:
         stop = _next_stop(step, train)
         losses = trainer.run_steps(order.batches(step, stop - step))
-        _check_finite(losses, step, train, decay_steps)
+        _check_divergence(losses, step, train, decay_steps)
         step = stop
         if step % train.eval_every == 0 or step == train.steps:
             raw, averaged = trainer.accuracy(validation.images, validation.labels)
@@ -211,8 +288,9 @@ def run_training(trainer, order: BatchOrder, train: TrainParams, validation: mni
             curve.append((step, loss, learning_rate_at(step - 1, train, decay_steps), raw, averaged))
             _progress(step, train.steps, started, first_step, curve[-1])
         if step % train.checkpoint_every == 0 or step == train.steps:
-            save_checkpoint(checkpoints, step, fingerprint, trainer.state(), curve, train.keep_checkpoints,
-                            seconds_before + time.perf_counter() - started)
+            seconds = seconds_before + time.perf_counter() - started
+            save_checkpoint(checkpoints, Checkpoint(step, fingerprint, trainer.state(), curve, seconds),
+                            train.keep_checkpoints)
     return seconds_before + time.perf_counter() - started
 
 
@@ -234,33 +312,39 @@ def _export_atomically(trainer, candidate_dir: Path) -> None:
 
 
 def _restore(trainer, checkpoints: Path, fingerprint: str, train: TrainParams) -> tuple[list, float]:
-    """Load the newest matching checkpoint into ``trainer``; return (curve so far, seconds so far)."""
+    """Load the newest sound checkpoint of this run into ``trainer``; return (curve so far,
+    seconds so far). Checkpoints that are damaged or of other params or data are passed over
+    with a note; when none is left to resume from, those are deleted and training starts fresh."""
     checkpoints.mkdir(parents=True, exist_ok=True)
-    found, notes = find_checkpoint(checkpoints, fingerprint, train.steps)
-    for note in notes:
+    found, notes = find_checkpoint(checkpoints, fingerprint, train.steps, trainer.state())
+    for note in notes.values():
         print(f"train: {note}", flush=True)
     if found is None:
         if notes:
-            print("train: params or data changed since the last checkpoints; starting fresh", flush=True)
-            for stale in checkpoints.glob("ckpt-*.npz"):
-                stale.unlink(missing_ok=True)
+            print("train: no usable checkpoint of these params and data; starting fresh", flush=True)
+            for passed_over in notes:  # they would only crowd out the new run's checkpoints
+                passed_over.unlink(missing_ok=True)
         else:
             print("train: no checkpoint; starting from step 0", flush=True)
         return [], 0.0
-    step, state, curve, seconds = load_checkpoint(found)
-    trainer.restore(step, state)
-    print(f"train: resuming from {found} (step {step} of {train.steps})", flush=True)
-    return curve, seconds
+    trainer.restore(found.step, found.state)
+    print(f"train: resuming from {_checkpoint_path(checkpoints, found.step)} (step {found.step} of {train.steps})",
+          flush=True)
+    return found.curve, found.seconds
 
 
 def train_model(model: ModelParams, train: TrainParams, validation_size: int, data_dir: Path,
-                candidate_dir: Path, reports_dir: Path, checkpoints: Path) -> TrainSummary:
-    """Train (or resume) the seed's network and export the EMA model to ``candidate_dir``."""
+                candidate_dir: Path, reports_dir: Path, checkpoints: Path, *,
+                data_sha256: Mapping[str, str]) -> TrainSummary:
+    """Train (or resume) the seed's network and export the EMA model to ``candidate_dir``.
+
+    ``data_sha256`` (params.yaml ``data.sha256``): the data files are checked against it first."""
+    mnist.verify_checksums(Path(data_dir), data_sha256)
     training = mnist.load_split(data_dir, "train", validation_size)
     validation = mnist.load_split(data_dir, "validation", validation_size)
     decay_steps = decay_steps_for(train, len(training.labels))
     trainer = _build_trainer(model, train, training.images, training.labels, decay_steps)
-    fingerprint = run_fingerprint(model, train, validation_size, data_fingerprint(data_dir))
+    fingerprint = run_fingerprint(model, train, validation_size, data_fingerprint(data_sha256))
     curve, seconds_before = _restore(trainer, Path(checkpoints), fingerprint, train)
     first_step = trainer.current_step()
     order = BatchOrder(len(training.labels), train.batch_size, train.seed)
@@ -280,11 +364,13 @@ def train_model(model: ModelParams, train: TrainParams, validation_size: int, da
 def _train_from_params(params: Params) -> TrainSummary:
     paths = params.paths
     return train_model(params.model, params.train, params.data.validation_size, Path(paths.raw_data),
-                       Path(paths.candidate), Path(paths.train_reports), Path(paths.checkpoints))
+                       Path(paths.candidate), Path(paths.train_reports), Path(paths.checkpoints),
+                       data_sha256=params.data.sha256)
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_stage(argv, __doc__.split("\n")[0], _train_from_params, (TrainingDiverged, mnist.DataError))
+    return run_stage(argv, __doc__.split("\n")[0], _train_from_params, (TrainingDiverged, mnist.DataError),
+                     cached_outputs=lambda params: [params.paths.candidate])
 
 
 if __name__ == "__main__":

@@ -9,8 +9,9 @@ import io
 import os
 import pickle
 import threading
+import tracemalloc
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -221,3 +222,65 @@ def test_main_reports_failure(tmp_path: Path, synthetic_source: Path, monkeypatc
     assert download.main([]) == 1
     assert "no source delivered verified MNIST" in capsys.readouterr().err
     assert not (tmp_path / "data" / "raw").exists()
+
+
+def _peak_bytes(action: Callable[[], object]) -> int:
+    tracemalloc.start()
+    try:
+        action()
+    except download.DownloadError:
+        pass
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    return peak
+
+
+def _source_with(tmp_path: Path, synthetic_source: Path, name: str, content: bytes) -> Path:
+    source = tmp_path / "hostile"
+    source.mkdir()
+    for other in IDX_FILE_NAMES:
+        (source / other).write_bytes((synthetic_source / other).read_bytes())
+    (source / "train-images-idx3-ubyte").unlink()
+    (source / name).write_bytes(content)
+    return source
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("train-images-idx3-ubyte.gz", gzip.compress(bytes(200 << 20), compresslevel=9),
+         "expands past the 470416 bytes expected"),  # 200 MiB of zeros in a 200 KB gzip
+        ("train-images-idx3-ubyte", bytes(64 << 20), "67108864 bytes is more than the 470416 expected"),
+        ("train-images-idx3-ubyte.gz", np.random.default_rng(0).bytes(8 << 20), "is more than the 471899 expected"),
+    ],
+    ids=["gzip-bomb", "oversize-file", "oversize-gzip"],
+)
+def test_oversize_inputs_are_refused_within_bounded_memory(tmp_path: Path, synthetic_source: Path, name: str,
+                                                           content: bytes, message: str) -> None:
+    source = _source_with(tmp_path, synthetic_source, name, content)
+    data = _data_params([str(source), str(synthetic_source)], synthetic_source)
+    peak = _peak_bytes(lambda: download.download_mnist(data, tmp_path / "raw"))
+    assert peak < 16 << 20, f"peak {peak >> 20} MiB"  # the synthetic dataset is 0.6 MB; the input 64-200 MiB
+    _assert_published(tmp_path / "raw", synthetic_source)  # the next source served
+    with pytest.raises(download.DownloadError, match=message):
+        download.download_mnist(_data_params([str(source)], synthetic_source), tmp_path / "again")
+
+
+def test_http_mirror_refuses_a_body_larger_than_expected(tmp_path: Path, synthetic_source: Path, mirror) -> None:
+    url, gzip_checksums = mirror
+    served = tmp_path / "mirror" / "mnist" / "train-images-idx3-ubyte.gz"
+    served.write_bytes(np.random.default_rng(0).bytes(8 << 20))
+    data = _data_params([url], synthetic_source, gzip_sha256=gzip_checksums, retries=3, backoff_seconds=30)
+    with pytest.raises(download.DownloadError, match=r"8388608 bytes is more than the 471899 expected"):
+        download.download_mnist(data, tmp_path / "raw")  # refused from Content-Length, not retried
+
+
+def test_expected_sizes_of_the_real_dataset() -> None:
+    from tasks.params import load_params
+
+    from .conftest import REPO_ROOT
+
+    sizes = download.expected_sizes(load_params(REPO_ROOT / "params.yaml").data)
+    assert sizes == {"train-images-idx3-ubyte": 47040016, "train-labels-idx1-ubyte": 60008,
+                     "t10k-images-idx3-ubyte": 7840016, "t10k-labels-idx1-ubyte": 10008}  # the canonical files

@@ -1,17 +1,22 @@
-"""dvc.yaml and the stage code cannot drift apart: params, commands and paths agree."""
+"""dvc.yaml and the stage code cannot drift apart: params, commands and paths agree; and the
+committed DVC config verifies what it downloads."""
 
 from __future__ import annotations
 
 import ast
 import importlib
 import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import yaml
 
 from tasks.params import PathsParams
 
-from .conftest import REPO_ROOT
+from .conftest import REPO_ROOT, tool_environment
 
 STAGES = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]
 
@@ -84,3 +89,41 @@ def test_the_import_walk_sees_lazy_imports() -> None:
     """train imports the trainer inside a function; leaving it out of dvc.yaml must be caught."""
     assert "tasks/trainer.py" in code_dependencies("train")
     assert "tasks/model.py" in code_dependencies("promote")
+
+
+@pytest.mark.slow
+def test_the_committed_remote_refuses_a_tampered_object(tmp_path: Path) -> None:
+    """`.dvc/config` sets `verify = true` on the default remote: `dvc pull` re-hashes what it
+    downloads, so an object changed on the remote never reaches the cache or the workspace."""
+    home = tmp_path / "home"
+    environment = tool_environment() | {"HOME": str(home)}
+
+    def run(*command: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+        return subprocess.run(list(command), cwd=cwd, env=environment, capture_output=True, text=True, check=check)
+
+    project = tmp_path / "project"
+    (project / "data" / "raw").mkdir(parents=True)
+    run("git", "init", "-q", cwd=project)
+    run(sys.executable, "-m", "dvc", "init", "-q", cwd=project)
+    shutil.copy(REPO_ROOT / ".dvc" / "config", project / ".dvc" / "config")
+    labels = bytes(range(10)) * 1000
+    (project / "data" / "raw" / "labels").write_bytes(labels)  # a directory output, like data/raw
+    (project / "data" / "raw" / "images").write_bytes(bytes(5000))
+    run(sys.executable, "-m", "dvc", "add", "-q", "data/raw", cwd=project)
+    run("git", "add", "-A", cwd=project)
+    run("git", "-c", "user.email=t@example.invalid", "-c", "user.name=t", "commit", "-q", "-m", "data", cwd=project)
+    run(sys.executable, "-m", "dvc", "push", "-q", cwd=project)
+    remote = home / ".dvc-remotes" / "mnist-pipeline"
+    (stored,) = [path for path in remote.rglob("*") if path.is_file() and path.read_bytes() == labels]
+    stored.chmod(0o644)
+    tampered = bytearray(labels)
+    tampered[1234] = (tampered[1234] + 1) % 10  # one label changed, same size
+    stored.write_bytes(bytes(tampered))
+    clone = tmp_path / "clone"
+    run("git", "clone", "-q", str(project), str(clone), cwd=tmp_path)
+    pulled = run(sys.executable, "-m", "dvc", "pull", cwd=clone, check=False)
+    assert pulled.returncode != 0
+    assert not (clone / "data" / "raw" / "labels").exists()
+    cached = [path.read_bytes() for path in (clone / ".dvc" / "cache").rglob("*") if path.is_file()]
+    assert bytes(tampered) not in cached
+    assert "up to date" not in run(sys.executable, "-m", "dvc", "status", cwd=clone).stdout

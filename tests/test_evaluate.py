@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -19,14 +20,14 @@ from tasks.train import train_model
 def trained(params: Params, tmp_path: Path) -> Path:
     root = tmp_path / "run"
     train_model(params.model, params.train, params.data.validation_size, Path(params.data.sources[0]),
-                root / "candidate", root / "reports" / "train", root / "checkpoints")
+                root / "candidate", root / "reports" / "train", root / "checkpoints", data_sha256=params.data.sha256)
     return root
 
 
 def _evaluate(params: Params, root: Path) -> dict:
     return evaluate_candidate(params.evaluate, params.data.validation_size, Path(params.data.sources[0]),
                               root / "candidate", root / "reports" / "train", root / "reports" / "metrics.json",
-                              root / "reports" / "plots")
+                              root / "reports" / "plots", data_sha256=params.data.sha256)
 
 
 def test_metrics_keys_and_values(params: Params, trained: Path) -> None:
@@ -68,3 +69,17 @@ def test_cross_entropy_matches_the_definition() -> None:
     logits = np.array([[2.0, 0.0, -1.0], [0.0, 0.0, 0.0]])
     expected = -np.mean([np.log(np.exp(2) / (np.exp(2) + 1 + np.exp(-1))), np.log(1 / 3)])
     assert cross_entropy(logits, np.array([0, 1])) == pytest.approx(expected)
+
+
+def test_tampered_data_is_refused_before_use(params: Params, trained: Path) -> None:
+    """A byte of the test labels changed in place, size and time restored (DVC sees nothing)."""
+    data = Path(params.data.sources[0])
+    labels = data / mnist.TEST_LABELS
+    before = labels.stat()
+    content = bytearray(labels.read_bytes())
+    content[-1] = (content[-1] + 1) % 10
+    labels.write_bytes(bytes(content))
+    os.utime(labels, ns=(before.st_atime_ns, before.st_mtime_ns))
+    with pytest.raises(mnist.DataError, match=f"{mnist.TEST_LABELS} was changed or damaged"):
+        _evaluate(params, trained)
+    assert not (trained / "reports" / "metrics.json").exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -70,3 +71,47 @@ def test_atomic_write_leaves_no_temporary_files(tmp_path: Path) -> None:
     mnist.write_bytes_atomic(target, b"defg")
     assert target.read_bytes() == b"defg"
     assert [p.name for p in target.parent.iterdir()] == ["file.bin"]
+
+
+def _tamper_in_place(path: Path, offset: int) -> None:
+    """Change one byte and put the size and modification time back: what DVC cannot see."""
+    before = path.stat()
+    content = bytearray(path.read_bytes())
+    content[offset] ^= 0x01
+    path.write_bytes(bytes(content))
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert path.stat().st_size == before.st_size and path.stat().st_mtime_ns == before.st_mtime_ns
+
+
+def test_verify_checksums_names_the_file_and_the_command(tmp_path: Path) -> None:
+    checksums = write_synthetic(tmp_path)
+    mnist.verify_checksums(tmp_path, checksums)
+    _tamper_in_place(tmp_path / mnist.TRAIN_LABELS, 100)
+    with pytest.raises(mnist.DataError) as caught:
+        mnist.verify_checksums(tmp_path, checksums)
+    message = str(caught.value)
+    assert f"{tmp_path / mnist.TRAIN_LABELS} was changed or damaged" in message
+    assert f"`dvc checkout --relink {tmp_path}`" in message and "`dvc repro --force download`" in message
+    (tmp_path / mnist.TEST_IMAGES).unlink()
+    with pytest.raises(mnist.DataError, match=f"{mnist.TEST_IMAGES} is missing"):
+        mnist.verify_checksums(tmp_path, {mnist.TEST_IMAGES: checksums[mnist.TEST_IMAGES]})
+
+
+@pytest.mark.parametrize(
+    ("header", "message"),
+    [
+        ([mnist.IMAGE_MAGIC, -1, 28, 28], "dimensions cannot be negative"),
+        ([mnist.IMAGE_MAGIC, 2**31 - 1, 2**31 - 1, 2**31 - 1], "header says"),  # 10^28 bytes promised
+        ([mnist.IMAGE_MAGIC, 3, 28], "too short for an IDX header"),
+    ],
+)
+def test_lying_headers_are_refused_before_the_file_is_read(tmp_path: Path, header: list[int], message: str) -> None:
+    path = tmp_path / "images.idx"
+    payload = bytes(3 * 28 * 28) if len(header) == 4 else b""
+    path.write_bytes(np.array(header, dtype=">i4").tobytes() + payload)
+    with pytest.raises(mnist.DataError, match=message):
+        mnist.read_idx_header(path)
+    with pytest.raises(mnist.DataError, match=message):
+        mnist.read_idx(path)
+    with pytest.raises(mnist.DataError, match=message):
+        mnist.decode_idx(path.read_bytes())

@@ -80,3 +80,32 @@ def test_export_is_byte_reproducible(tmp_path: Path) -> None:
     assert Path("fingerprint.pb") in files
     for relative in files:
         assert (tmp_path / "a" / relative).read_bytes() == (tmp_path / "b" / relative).read_bytes(), relative
+
+
+def _files(directory: Path) -> dict[str, bytes]:
+    return {str(path.relative_to(directory)): path.read_bytes() for path in sorted(directory.rglob("*"))
+            if path.is_file()}
+
+
+def test_export_bytes_depend_only_on_the_weights(tmp_path: Path) -> None:
+    """TensorFlow numbers traced functions with a process-wide counter: a process that traced
+    more before exporting (a resumed training run, say) must still write the same bytes."""
+    model = ModelParams(hidden_units=8, activation="relu", init_stddev=0.1)
+    averaged, raw = network.initial_values(model, 0), network.initial_values(model, 1)
+    network.export(network.ServingModel(averaged, raw, "relu"), str(tmp_path / "first"))
+    for size in range(1, 8):  # unrelated tracing moves the counter on
+        tf.function(lambda x: x * 2)(tf.zeros([size]))
+    network.export(network.ServingModel(averaged, raw, "relu"), str(tmp_path / "second"))
+    first, second = _files(tmp_path / "first"), _files(tmp_path / "second")
+    assert set(first) == set(second) and "saved_model.pb" in first and "fingerprint.pb" in first
+    for name in first:
+        assert first[name] == second[name], name
+    network.export(network.ServingModel(raw, averaged, "relu"), str(tmp_path / "other"))
+    assert _files(tmp_path / "other")["variables/variables.data-00000-of-00001"] != first[
+        "variables/variables.data-00000-of-00001"]  # other weights, other bytes
+    loaded = network.load_serving_model(str(tmp_path / "second"))  # the rewritten model still serves
+    images = tf.random.stateless_uniform((2, 784), seed=[0, 2])
+    logits = loaded.signatures["serving_float"](images=images)["logits"].numpy()
+    assert np.allclose(logits, network.inference(images, averaged, "relu").numpy(), atol=1e-5)
+    raw_logits = loaded.signatures["raw_weights"](images=images)["logits"].numpy()
+    assert np.allclose(raw_logits, network.inference(images, raw, "relu").numpy(), atol=1e-5)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -134,3 +135,88 @@ def test_stage_commands_refuse_bad_params_with_one_clear_line(stage: str, tmp_pa
     assert "promote.min_acuracy: unknown key (did you mean 'min_accuracy'?)" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "data").exists() and not (tmp_path / "models").exists()
+
+
+def _params_text() -> str:
+    return (REPO_ROOT / "params.yaml").read_text()
+
+
+def _check_in_a_process(path: Path) -> subprocess.CompletedProcess:
+    """`python -m tasks.params check`, as `make run` calls it; the time-out only stops a hang."""
+    return subprocess.run([sys.executable, "-m", "tasks.params", "check", str(path)], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=30)
+
+
+def test_yaml_alias_bomb_is_refused_at_once_with_a_short_message(tmp_path: Path) -> None:
+    """Nine levels of nine aliases: 387 million strings when expanded, 900 bytes written. Before
+    aliases were refused, the error message printed the expanded value: 60 s and 5 GB, and on."""
+    levels = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    levels += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9)]
+    bomb = tmp_path / "params.yaml"
+    bomb.write_text("\n".join(levels) + "\n" + re.sub(r"(?m)^  steps: \d+", "  steps: *a8", _params_text()))
+    result = _check_in_a_process(bomb)
+    assert result.returncode == 1
+    assert "YAML aliases (*name) are not allowed" in result.stderr and str(bomb) in result.stderr
+    assert len(result.stderr) < 300 and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (b"# padding\n" * 120_000, "larger than 1024 KiB; not a params file"),
+        ("# caf\u00e9 in Latin-1\n".encode("latin-1"), "not UTF-8 text (byte 0xe9 at offset 5)"),
+        (b"train: " + b"[" * 5000 + b"]" * 5000 + b"\n", "nested more than 20 levels deep"),
+    ],
+    ids=["oversize", "latin-1", "deep-nesting"],
+)
+def test_hostile_files_fail_with_one_short_line(tmp_path: Path, content: bytes, expected: str) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_bytes(_params_text().encode() + content if expected.startswith("larger") else content)
+    result = _check_in_a_process(path)
+    assert result.returncode == 1
+    assert expected in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "expected"),
+    [
+        ("train", "steps", True, "train.steps = True: Input should be a valid integer"),
+        ("train", "learning_rate", True, "train.learning_rate = True: Input should be a valid number"),
+        ("model", "hidden_units", 32.0, "model.hidden_units = 32.0: Input should be a valid integer"),
+        ("train", "steps", "30000", "train.steps = '30000': Input should be a valid integer (this is a string; "
+                                    "write the number unquoted, as 30000)"),
+        ("train", "l2_rate", "1e-4", "train.l2_rate = '1e-4': Input should be a valid number (this is a string; "
+                                     "write the number unquoted, as 0.0001)"),
+        ("train", "l2_rate", "1e-7", "as 1.0e-07)"),  # YAML 1.1 reads 1e-07 as a string again
+        ("schedule", "push", "yes", "schedule.push = 'yes': Input should be a valid boolean"),
+    ],
+)
+def test_types_are_strict(section: str, key: str, value: object, expected: str) -> None:
+    assert expected in _error_for(section, key, value)
+
+
+def test_an_integer_is_still_a_valid_float() -> None:
+    document = copy.deepcopy(base_params_document())
+    document["train"]["learning_rate_decay"] = 1
+    assert parse_params(document).train.learning_rate_decay == 1.0
+
+
+def test_long_values_and_many_errors_are_cut_short() -> None:
+    document = copy.deepcopy(base_params_document())
+    document["data"]["sources"] = ["ftp://" + "x" * 10_000] * 50
+    with pytest.raises(ParamsError) as caught:
+        parse_params(document)
+    message = str(caught.value)
+    assert len(message) < 2000 and "... and 40 more" in message and "xxx..." in message
+
+
+def test_a_relative_path_is_read_from_the_current_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """load_params caches per file, not per spelling: `params.yaml` in two directories is two files."""
+    for name, steps in (("first", 100), ("second", 200)):
+        document = base_params_document()
+        document["train"]["steps"] = steps
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "params.yaml").write_text(yaml.safe_dump(document))
+        monkeypatch.chdir(tmp_path / name)
+        assert load_params(Path("params.yaml")).train.steps == steps

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import shutil
+import struct
+import tracemalloc
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +25,7 @@ def project(tmp_path: Path, synthetic_source: Path, monkeypatch: pytest.MonkeyPa
     document = make_params_document(synthetic_source)
     params = parse_params(document)
     train_model(params.model, params.train, 100, synthetic_source, tmp_path / "candidate", tmp_path / "reports",
-                tmp_path / "checkpoints")
+                tmp_path / "checkpoints", data_sha256=params.data.sha256)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(document))
     monkeypatch.chdir(tmp_path)
     return tmp_path
@@ -67,3 +70,69 @@ def test_colour_images_are_converted_to_grayscale(project: Path, capsys: pytest.
     digit = synthetic_arrays()["t10k-images-idx3-ubyte"][1]
     Image.fromarray(np.stack([digit] * 3, axis=-1)).save(project / "rgb.png")
     assert np.array_equal(predict.read_images(project / "rgb.png")[0], digit)
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG that declares ``width`` x ``height`` pixels in a few dozen bytes (a decompression bomb's header)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grayscale
+    pixels = chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + pixels + chunk(b"IEND", b"")
+
+
+def _idx(header: list[int], payload: int) -> bytes:
+    return np.array(header, dtype=">i4").tobytes() + bytes(payload)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (_idx([mnist.IMAGE_MAGIC, -1, -28, 28], 784), "dimensions cannot be negative"),
+        (_idx([mnist.IMAGE_MAGIC, 3, 20, 20], 3 * 400), "holds images of 20x20; the model needs 28x28"),
+        (_idx([mnist.IMAGE_MAGIC, 5, 28, 28], 10), "header says (5, 28, 28) (3936 bytes) but the file has 26 bytes"),
+        (_png_header_only(100_000, 100_000), "the image claims too many pixels to decode"),
+        (_png_header_only(10_000, 10_000), "the image is 10000x10000; the model needs 28x28"),
+        (_png_header_only(28, 28)[:40], "not a readable image"),
+    ],
+    ids=["idx-negative-sizes", "idx-20x20", "idx-truncated", "png-bomb", "png-100-megapixels", "png-truncated"],
+)
+def test_hostile_inputs_are_refused_with_one_line(tmp_path: Path, content: bytes, message: str) -> None:
+    path = tmp_path / "input"
+    path.write_bytes(content)
+    with pytest.raises(predict.InputError) as caught:
+        predict.read_images(path)
+    assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("header", "message"),
+    [([mnist.IMAGE_MAGIC, 2_000_000, 28, 28], "2000000 images; at most 100000 per file"),
+     ([0, 0, 0, 0], "bytes is too large for a 28x28 image")],
+    ids=["idx-of-1.5-GB", "unknown-file-of-1.5-GB"],
+)
+def test_huge_files_are_refused_from_their_header(tmp_path: Path, header: list[int], message: str) -> None:
+    """A 1.5 GB file (sparse: it takes no disk) is refused after reading 16 bytes of it."""
+    path = tmp_path / "huge"
+    with open(path, "wb") as stream:
+        stream.write(np.array(header, dtype=">i4").tobytes())
+        stream.truncate(16 + 2_000_000 * 784)
+    tracemalloc.start()
+    try:
+        with pytest.raises(predict.InputError, match=message):
+            predict.read_images(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20
+
+
+def test_errors_from_main_are_one_line_each(project: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _serve(project)
+    (project / "bomb.png").write_bytes(_png_header_only(100_000, 100_000))
+    (project / "negative.idx").write_bytes(_idx([mnist.IMAGE_MAGIC, -1, -28, 28], 784))
+    for name in ("bomb.png", "negative.idx"):
+        assert predict.main([name]) == 1
+        error = capsys.readouterr().err
+        assert error.startswith(f"error: {name}: ") and error.count("\n") == 1

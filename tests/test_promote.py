@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from tasks import mnist
 from tasks import model as network
 from tasks.params import PromoteParams, parse_params
 from tasks.production import RegistryError, locked, publish, reconcile, versions
@@ -23,15 +24,16 @@ from .conftest import REPO_ROOT, make_params_document, tool_environment, write_s
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A trained ("good", test accuracy ~0.99) and an untrained ("bad", ~0.1) model, trained once."""
     root = tmp_path_factory.mktemp("models")
     write_synthetic(root / "data")
     params = parse_params(make_params_document(root / "data"))
-    train_model(params.model, params.train, 100, root / "data", root / "good", root / "reports", root / "ckpt")
+    train_model(params.model, params.train, 100, root / "data", root / "good", root / "reports", root / "ckpt",
+                data_sha256=params.data.sha256)
     initial = network.initial_values(params.model, seed=5)
     network.export(network.ServingModel(initial, initial, "relu"), str(root / "bad"))
-    return {"good": root / "good", "bad": root / "bad", "data": root / "data"}
+    return {"good": root / "good", "bad": root / "bad", "data": root / "data", "params": params}
 
 
 def _tree_digest(directory: Path) -> str:
@@ -43,19 +45,20 @@ def _tree_digest(directory: Path) -> str:
     return digest.hexdigest()
 
 
-def _promote(models: dict[str, Path], tmp_path: Path, candidate: str | Path, **thresholds: float):
+def _promote(models: dict, tmp_path: Path, candidate: str | Path, **thresholds: float):
     settings = {"min_accuracy": 0.5, "min_improvement": 0.0001, "keep_versions": 3} | thresholds
     candidate_dir = models[candidate] if isinstance(candidate, str) else candidate
     (tmp_path / "params.yaml").write_text("fingerprinted: true\n")
     return promote_candidate(PromoteParams(**settings), candidate_dir, models["data"], tmp_path / "production",
-                             tmp_path / "registry.json", tmp_path / "promotion.json", tmp_path / "params.yaml")
+                             tmp_path / "registry.json", tmp_path / "promotion.json", tmp_path / "params.yaml",
+                             data_sha256=models["params"].data.sha256)
 
 
 def _registry(tmp_path: Path) -> list[dict]:
     return json.loads((tmp_path / "registry.json").read_text())
 
 
-def test_first_candidate_needs_only_the_value_threshold(models: dict[str, Path], tmp_path: Path) -> None:
+def test_first_candidate_needs_only_the_value_threshold(models: dict, tmp_path: Path) -> None:
     decision = _promote(models, tmp_path, "good")
     assert decision.promoted and decision.version == 1 and "no champion yet" in decision.reason
     assert versions(tmp_path / "production") == [1]
@@ -68,7 +71,7 @@ def test_first_candidate_needs_only_the_value_threshold(models: dict[str, Path],
         assert key in entry
 
 
-def test_better_candidate_replaces_the_re_evaluated_champion(models: dict[str, Path], tmp_path: Path) -> None:
+def test_better_candidate_replaces_the_re_evaluated_champion(models: dict, tmp_path: Path) -> None:
     _promote(models, tmp_path, "bad", min_accuracy=0.0)
     decision = _promote(models, tmp_path, "good")
     assert decision.promoted and decision.version == 2 and decision.champion_version == 1
@@ -76,7 +79,7 @@ def test_better_candidate_replaces_the_re_evaluated_champion(models: dict[str, P
     assert len(_registry(tmp_path)) == 2
 
 
-def test_worse_candidate_is_rejected_and_production_untouched(models: dict[str, Path], tmp_path: Path) -> None:
+def test_worse_candidate_is_rejected_and_production_untouched(models: dict, tmp_path: Path) -> None:
     _promote(models, tmp_path, "good")
     before = _tree_digest(tmp_path / "production")
     decision = _promote(models, tmp_path, "bad", min_accuracy=0.0)
@@ -86,19 +89,19 @@ def test_worse_candidate_is_rejected_and_production_untouched(models: dict[str, 
     assert [entry["promoted"] for entry in _registry(tmp_path)] == [True, False]
 
 
-def test_equal_candidate_needs_the_minimum_improvement(models: dict[str, Path], tmp_path: Path) -> None:
+def test_equal_candidate_needs_the_minimum_improvement(models: dict, tmp_path: Path) -> None:
     _promote(models, tmp_path, "good")
     assert not _promote(models, tmp_path, "good").promoted
     assert _promote(models, tmp_path, "good", min_improvement=0.0).promoted
 
 
-def test_candidate_below_the_value_threshold_is_rejected(models: dict[str, Path], tmp_path: Path) -> None:
+def test_candidate_below_the_value_threshold_is_rejected(models: dict, tmp_path: Path) -> None:
     decision = _promote(models, tmp_path, "bad", min_accuracy=0.9)
     assert not decision.promoted and "below promote.min_accuracy 0.9" in decision.reason
     assert versions(tmp_path / "production") == []
 
 
-def test_corrupt_candidate_is_rejected(models: dict[str, Path], tmp_path: Path) -> None:
+def test_corrupt_candidate_is_rejected(models: dict, tmp_path: Path) -> None:
     _promote(models, tmp_path, "good")
     before = _tree_digest(tmp_path / "production")
     corrupt = tmp_path / "corrupt"
@@ -109,7 +112,7 @@ def test_corrupt_candidate_is_rejected(models: dict[str, Path], tmp_path: Path) 
     assert _tree_digest(tmp_path / "production") == before
 
 
-def test_unloadable_champion_is_judged_on_the_value_threshold(models: dict[str, Path], tmp_path: Path) -> None:
+def test_unloadable_champion_is_judged_on_the_value_threshold(models: dict, tmp_path: Path) -> None:
     _promote(models, tmp_path, "good")
     (tmp_path / "production" / "1" / "saved_model.pb").write_bytes(b"broken")
     decision = _promote(models, tmp_path, "good")
@@ -122,14 +125,14 @@ def _publish(model_dir: Path, tmp_path: Path, keep_versions: int = 5) -> int:
                        keep_versions)
 
 
-def test_keep_versions_prunes_the_oldest(models: dict[str, Path], tmp_path: Path) -> None:
+def test_keep_versions_prunes_the_oldest(models: dict, tmp_path: Path) -> None:
     for _ in range(4):
         _publish(models["good"], tmp_path, keep_versions=3)
     assert versions(tmp_path / "production") == [2, 3, 4]
     assert sorted(p.name for p in (tmp_path / "production").iterdir()) == ["2", "3", "4"]  # nothing left over
 
 
-def test_rollback_republishes_an_earlier_version(models: dict[str, Path], tmp_path: Path) -> None:
+def test_rollback_republishes_an_earlier_version(models: dict, tmp_path: Path) -> None:
     production, registry = tmp_path / "production", tmp_path / "registry.json"
     _publish(models["good"], tmp_path)
     _publish(models["bad"], tmp_path)
@@ -149,7 +152,7 @@ def test_rollback_with_nothing_to_restore(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_publish_killed_midway_leaves_only_complete_versions(models: dict[str, Path], tmp_path: Path) -> None:
+def test_publish_killed_midway_leaves_only_complete_versions(models: dict, tmp_path: Path) -> None:
     """SIGKILL a publish while it copies files (slowed down); no partial version may appear."""
     production = tmp_path / "production"
     _publish(models["good"], tmp_path)
@@ -191,14 +194,14 @@ def test_corrupt_registry_is_a_clear_error_and_left_alone(tmp_path: Path) -> Non
     assert registry.read_text() == '[{"action": "promote"'
 
 
-def test_corrupt_registry_stops_promotion_before_publishing(models: dict[str, Path], tmp_path: Path) -> None:
+def test_corrupt_registry_stops_promotion_before_publishing(models: dict, tmp_path: Path) -> None:
     (tmp_path / "registry.json").write_text("not json")
     with pytest.raises(RegistryError, match="is not valid JSON"):
         _promote(models, tmp_path, "good")
     assert versions(tmp_path / "production") == []
 
 
-def test_rollback_refuses_a_version_that_cannot_serve(models: dict[str, Path], tmp_path: Path) -> None:
+def test_rollback_refuses_a_version_that_cannot_serve(models: dict, tmp_path: Path) -> None:
     production = tmp_path / "production"
     _publish(models["good"], tmp_path)
     _publish(models["good"], tmp_path)
@@ -209,7 +212,7 @@ def test_rollback_refuses_a_version_that_cannot_serve(models: dict[str, Path], t
     assert _tree_digest(production) == before and len(_registry(tmp_path)) == 2
 
 
-def test_a_fresh_clone_continues_the_recorded_version_numbers(models: dict[str, Path], tmp_path: Path) -> None:
+def test_a_fresh_clone_continues_the_recorded_version_numbers(models: dict, tmp_path: Path) -> None:
     """The registry (in git) knows versions 1..3 although production/ is empty (not pulled)."""
     history = [{"action": "promote", "promoted": True, "version": version} for version in (1, 2, 3)]
     (tmp_path / "registry.json").write_text(json.dumps(history))
@@ -217,7 +220,7 @@ def test_a_fresh_clone_continues_the_recorded_version_numbers(models: dict[str, 
     assert decision.promoted and decision.version == 4 and versions(tmp_path / "production") == [4]
 
 
-def test_promote_repairs_what_a_killed_run_left(models: dict[str, Path], tmp_path: Path,
+def test_promote_repairs_what_a_killed_run_left(models: dict, tmp_path: Path,
                                                capsys: pytest.CaptureFixture[str]) -> None:
     _promote(models, tmp_path, "good")
     shutil.rmtree(tmp_path / "production" / "1")  # as if killed after the record, before the rename:
@@ -227,3 +230,15 @@ def test_promote_repairs_what_a_killed_run_left(models: dict[str, Path], tmp_pat
     assert "finished publishing version 1" in capsys.readouterr().out
     assert not decision.promoted and decision.champion_version == 1  # the champion is back, and re-evaluated
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_tampered_test_data_is_refused_before_anything_changes(models: dict, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(models["data"], data)
+    labels = data / "t10k-labels-idx1-ubyte"
+    labels.write_bytes(labels.read_bytes()[:-1] + bytes([(labels.read_bytes()[-1] + 1) % 10]))
+    with pytest.raises(mnist.DataError, match="t10k-labels-idx1-ubyte was changed or damaged"):
+        promote_candidate(PromoteParams(min_accuracy=0.5, min_improvement=0.0, keep_versions=3), models["good"], data,
+                          tmp_path / "production", tmp_path / "registry.json", tmp_path / "promotion.json",
+                          tmp_path / "params.yaml", data_sha256=models["params"].data.sha256)
+    assert not (tmp_path / "registry.json").exists() and versions(tmp_path / "production") == []

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import io
+import os
+import shutil
 import signal
+import struct
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -16,15 +21,18 @@ from tasks import mnist
 from tasks.params import Params, TrainParams, parse_params
 from tasks.train import (
     BatchOrder,
+    Checkpoint,
+    CheckpointError,
     TrainingDiverged,
     learning_rate_at,
     load_checkpoint,
     moving_average_decay_at,
+    save_checkpoint,
     train_model,
 )
 from tasks.trainer import Trainer
 
-from .conftest import make_params_document, tool_environment, write_synthetic
+from .conftest import dvc, make_params_document, make_project, tool_environment, write_synthetic
 
 
 def _train_params(**changes: object) -> TrainParams:
@@ -108,11 +116,11 @@ def test_one_step_equals_hand_computed_sgd_with_l2_and_moving_average(params: Pa
 def _run(params: Params, root: Path, steps: int | None = None, **train_changes: object):
     train = params.train.model_copy(update={**train_changes, **({"steps": steps} if steps else {})})
     return train_model(params.model, train, params.data.validation_size, Path(params.data.sources[0]),
-                       root / "candidate", root / "reports", root / "checkpoints")
+                       root / "candidate", root / "reports", root / "checkpoints", data_sha256=params.data.sha256)
 
 
 def _final_state(root: Path) -> dict[str, np.ndarray]:
-    return load_checkpoint(sorted((root / "checkpoints").glob("ckpt-*.npz"))[-1])[1]
+    return load_checkpoint(sorted((root / "checkpoints").glob("ckpt-*.npz"))[-1]).state
 
 
 def _assert_same_state(first: dict[str, np.ndarray], second: dict[str, np.ndarray]) -> None:
@@ -183,10 +191,13 @@ def test_killed_stage_resumes_to_identical_weights(tmp_path: Path, synthetic_sou
     assert "resuming from" in resumed.stdout
     subprocess.run(command, cwd=clean, env=environment, capture_output=True, text=True, check=True)
     _assert_same_state(_final_state_at(killed), _final_state_at(clean))
+    exported = [{str(p.relative_to(root)): p.read_bytes() for p in (root / "models" / "candidate").rglob("*")
+                 if p.is_file()} for root in (killed, clean)]
+    assert exported[0] == exported[1]  # the same candidate, byte for byte: DVC sees nothing new
 
 
 def _final_state_at(root: Path) -> dict[str, np.ndarray]:
-    return load_checkpoint(sorted((root / "checkpoints").glob("ckpt-*.npz"))[-1])[1]
+    return load_checkpoint(sorted((root / "checkpoints").glob("ckpt-*.npz"))[-1]).state
 
 
 def test_moving_average_off_serves_the_raw_weights(params: Params, tmp_path: Path) -> None:
@@ -204,3 +215,202 @@ def test_ablated_networks_train(params: Params, tmp_path: Path, hidden_units: in
     summary = _run(changed, tmp_path, steps=100)
     assert summary.validation_accuracy > 0.5
     assert len(_final_state(tmp_path)) == (4 if hidden_units == 0 else 8)  # weights + averages
+
+
+def test_finite_divergence_above_max_loss_stops_training(params: Params, tmp_path: Path) -> None:
+    """A rate of 100 throws the loss up to ~1e7 and back without ever making it NaN; only
+    train.max_loss notices. The seed's own settings peak at 12.3 on MNIST (tasks/params.py)."""
+    with pytest.raises(TrainingDiverged, match=r"reached [\d.e+]+ \(above train.max_loss 100\) at step 1 with "
+                                               r"learning rate 100"):
+        _run(params, tmp_path, learning_rate=100.0)
+    assert not (tmp_path / "candidate").exists()
+    summary = _run(params, tmp_path / "tolerant", learning_rate=100.0, max_loss=1e12)
+    assert summary.steps == params.train.steps  # finite all along: NaN/inf alone would let it finish
+
+
+def test_max_loss_does_not_invalidate_checkpoints(params: Params, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    _run(params, tmp_path, steps=40)
+    assert _run(params, tmp_path, max_loss=50.0).resumed_from_step == 40
+    assert "resuming from" in capsys.readouterr().out
+
+
+# --- damaged checkpoints ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def interrupted_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Params, Path, dict[str, np.ndarray]]:
+    """Checkpoints at steps 20 and 40 of a 60-step run, and the final weights of the whole run."""
+    params = parse_params(make_params_document(_shared_source()))
+    whole, interrupted = tmp_path_factory.mktemp("whole"), tmp_path_factory.mktemp("interrupted")
+    _run(params, whole)
+    _run(params, interrupted, steps=40)
+    return params, interrupted / "checkpoints", _final_state(whole)
+
+
+def _flip_bit(data: bytes, position: int) -> bytes:
+    return data[: position // 8] + bytes([data[position // 8] ^ (1 << position % 8)]) + data[position // 8 + 1:]
+
+
+def _other_network(path: Path) -> bytes:
+    """A well-formed checkpoint of this run whose arrays belong to a smaller network."""
+    checkpoint = load_checkpoint(path)
+    state = {name: array[..., :8] if array.ndim and array.shape[-1] == 32 else array
+             for name, array in checkpoint.state.items()}
+    scratch = path.parent / "scratch"
+    scratch.mkdir()
+    save_checkpoint(scratch, Checkpoint(checkpoint.step, checkpoint.fingerprint, state, checkpoint.curve,
+                                        checkpoint.seconds), keep=1)
+    return next(scratch.iterdir()).read_bytes()
+
+
+def _without_digest(path: Path) -> bytes:
+    """The checkpoint as the code before digests wrote it."""
+    with np.load(path) as stored:
+        contents = {key: stored[key] for key in stored.files if key != "digest"}
+    buffer = io.BytesIO()
+    np.savez(buffer, **contents)
+    return buffer.getvalue()
+
+
+DAMAGES = {
+    "empty": lambda data, path: b"",
+    "truncated": lambda data, path: data[: len(data) // 2],
+    "bit-flip-in-weights": lambda data, path: _flip_bit(data, 8 * (len(data) // 3)),
+    "bit-flip-in-zip-signature": lambda data, path: _flip_bit(data, 3),
+    "random-bytes": lambda data, path: np.random.default_rng(0).bytes(len(data)),
+    "arrays-of-another-network": lambda data, path: _other_network(path),
+    "older-format-without-digest": lambda data, path: _without_digest(path),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGES))
+def test_damaged_newest_checkpoint_is_skipped_with_a_message(interrupted_run, tmp_path: Path, damage: str,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    params, checkpoints, expected = interrupted_run
+    root = tmp_path / "run"
+    shutil.copytree(checkpoints, root / "checkpoints")
+    newest = root / "checkpoints" / "ckpt-000000040.npz"
+    newest.write_bytes(DAMAGES[damage](newest.read_bytes(), newest))
+    summary = _run(params, root)
+    output = capsys.readouterr().out
+    assert "train: ignoring checkpoint ckpt-000000040.npz: " in output
+    notes = [line for line in output.splitlines() if "ignoring" in line]
+    assert len(notes) == 1 and len(notes[0]) < 200  # one short line, not a traceback
+    assert summary.resumed_from_step == 20
+    _assert_same_state(_final_state(root), expected)  # fell back to step 20 and still ends the same
+
+
+def test_every_checkpoint_damaged_starts_fresh(interrupted_run, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    params, checkpoints, expected = interrupted_run
+    root = tmp_path / "run"
+    shutil.copytree(checkpoints, root / "checkpoints")
+    for path in (root / "checkpoints").iterdir():
+        path.write_bytes(path.read_bytes()[:100])
+    summary = _run(params, root)
+    output = capsys.readouterr().out
+    assert output.count("ignoring checkpoint") == 2 and "starting fresh" in output
+    assert summary.resumed_from_step == 0
+    _assert_same_state(_final_state(root), expected)
+
+
+def _array_bytes(data: bytes) -> list[int]:
+    """Offsets of the bytes of array values (not headers) in an uncompressed .npz."""
+    offsets = []
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        for info in archive.infolist():
+            name_length, extra_length = struct.unpack("<HH", data[info.header_offset + 26 : info.header_offset + 30])
+            start = info.header_offset + 30 + name_length + extra_length
+            with archive.open(info) as member:
+                np.lib.format.read_magic(member)
+                np.lib.format.read_array_header_1_0(member)
+                start += member.tell()
+            offsets += range(start, info.header_offset + 30 + name_length + extra_length + info.file_size)
+    return offsets
+
+
+@pytest.mark.slow  # 16800 damaged files, about a minute
+def test_every_bit_flip_and_truncation_is_caught_or_harmless(interrupted_run, tmp_path: Path) -> None:
+    """Flip each bit of the first 600 bytes (zip and array headers) and the last 1200 (zip
+    directory), and 2000 bits spread over the arrays; cut the file at 400 lengths. A damaged
+    file is refused with CheckpointError, or loads to exactly the original (a flipped bit in a
+    zip field nobody reads, such as a timestamp); damage to the arrays or a cut is always refused."""
+    _, checkpoints, _ = interrupted_run
+    data = (checkpoints / "ckpt-000000040.npz").read_bytes()
+    original = load_checkpoint(checkpoints / "ckpt-000000040.npz")
+    path = tmp_path / "ckpt-000000040.npz"
+
+    def outcome(content: bytes) -> str:
+        path.write_bytes(content)
+        try:
+            loaded = load_checkpoint(path)
+        except CheckpointError:
+            return "refused"
+        assert loaded.step == original.step and loaded.curve == original.curve
+        _assert_same_state(loaded.state, original.state)
+        return "harmless"
+
+    edges = [*range(0, 8 * 600), *range(8 * (len(data) - 1200), 8 * len(data))]
+    arrays = _array_bytes(data)
+    inside = [8 * arrays[index] + index % 8 for index in np.random.default_rng(1).integers(0, len(arrays), 2000)]
+    cuts = [*range(0, 600, 3), *np.random.default_rng(2).integers(600, len(data), 200).tolist()]
+    at_edges = [outcome(_flip_bit(data, bit)) for bit in edges]
+    assert len(at_edges) == 14_400 and at_edges.count("refused") > len(at_edges) / 2
+    assert {outcome(_flip_bit(data, bit)) for bit in inside} == {"refused"}
+    assert {outcome(data[:cut]) for cut in cuts} == {"refused"}
+
+
+def test_tampered_training_data_is_refused_before_use(params: Params, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(params.data.sources[0], data)
+    images = data / mnist.TRAIN_IMAGES
+    content = bytearray(images.read_bytes())
+    content[5000] ^= 0x80
+    images.write_bytes(bytes(content))
+    with pytest.raises(mnist.DataError, match=f"{mnist.TRAIN_IMAGES} was changed or damaged .*dvc checkout --relink"):
+        train_model(params.model, params.train, params.data.validation_size, data, tmp_path / "candidate",
+                    tmp_path / "reports", tmp_path / "checkpoints", data_sha256=params.data.sha256)
+    assert not (tmp_path / "candidate").exists() and not (tmp_path / "checkpoints").exists()
+
+
+def _tree(directory: Path) -> dict[str, bytes]:
+    return {str(path.relative_to(directory)): path.read_bytes() for path in directory.rglob("*") if path.is_file()}
+
+
+@pytest.mark.slow
+def test_failed_train_under_dvc_says_how_to_get_the_candidate_back(tmp_path: Path, synthetic_source: Path) -> None:
+    """`dvc repro` deletes a stage's outputs before running it. When train then fails (tampered
+    data, divergence), the error says what to run, and running it restores the candidate."""
+    project = make_project(tmp_path / "project", make_params_document(synthetic_source))
+    dvc(project, "repro", "train")
+    candidate = _tree(project / "models" / "candidate")
+    # 1. A byte of data/raw changed in place, size and time restored: DVC sees nothing ...
+    images = project / "data" / "raw" / mnist.TRAIN_IMAGES
+    before, content = images.stat(), bytearray(images.read_bytes())
+    content[20_000] ^= 0x10
+    images.write_bytes(bytes(content))
+    os.utime(images, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert "up to date" in dvc(project, "status", "train").stdout
+    # ... until a params change re-runs train, which checks the data first.
+    document = yaml.safe_load((project / "params.yaml").read_text())
+    document["train"]["steps"] = 40
+    (project / "params.yaml").write_text(yaml.safe_dump(document, sort_keys=False))
+    failed = dvc(project, "repro", "train", check=False)
+    output = failed.stdout + failed.stderr
+    assert failed.returncode != 0 and "Traceback" not in output
+    assert f"data/raw/{mnist.TRAIN_IMAGES} was changed or damaged" in output
+    assert "`dvc checkout --relink data/raw`" in output and "`dvc checkout models/candidate`" in output
+    assert not (project / "models" / "candidate").exists()  # DVC removed it before the stage ran
+    dvc(project, "checkout", "--relink", "data/raw")
+    dvc(project, "checkout", "models/candidate")
+    assert mnist.sha256_of(images) == document["data"]["sha256"][mnist.TRAIN_IMAGES]
+    assert _tree(project / "models" / "candidate") == candidate
+    # 2. A diverging run: the same note, the same way back.
+    document["train"]["learning_rate"] = 100.0
+    (project / "params.yaml").write_text(yaml.safe_dump(document, sort_keys=False))
+    failed = dvc(project, "repro", "train", check=False)
+    assert "training diverged" in failed.stderr + failed.stdout
+    assert "`dvc checkout models/candidate` brings back the previous version" in failed.stderr + failed.stdout
+    dvc(project, "checkout", "models/candidate")
+    assert _tree(project / "models" / "candidate") == candidate
