@@ -52,7 +52,7 @@ VARIANTS: dict[str, list[str]] = {
 }
 DEFAULT_OUTPUT = Path("reports/experiments")
 TABLE_FILE, FIGURE_FILE = "table.md", "accuracy.png"
-DIVERGED = re.compile(r"training diverged: the loss became \S+ at step (\d+)")
+DIVERGED = re.compile(r"training diverged: the loss (?:became \S+|reached .+?) at step (\d+)")
 
 
 def dvc(*arguments: str, capture: bool = False) -> str:

@@ -29,7 +29,7 @@ from tasks.experiments import (
     plan,
 )
 from tasks.params import Params, parse_params
-from tasks.train import TrainingDiverged, _check_finite
+from tasks.train import TrainingDiverged, _check_divergence
 
 from .conftest import base_params_document, dvc, make_params_document, make_project, run_command, tool_environment
 
@@ -107,7 +107,7 @@ def _params(point: Planned) -> dict:
 def _divergence_log(tmp_path: Path, params: Params) -> str:
     """The trainer's own divergence message, as the stage prints it into the experiment's log."""
     with pytest.raises(TrainingDiverged) as raised:
-        _check_finite(np.array([1.0, np.inf]), 35, params.train, 550)
+        _check_divergence(np.array([1.0, np.inf]), 35, params.train, 550)
     path = tmp_path / "run.out"
     path.write_text(f"train: step 20/60\nerror: {raised.value}\nERROR: failed to reproduce 'train'\n")
     return str(path)
@@ -297,3 +297,12 @@ def test_an_experiment_whose_worker_was_killed_is_run_again(tmp_path: Path, synt
     assert "experiments: 1 orphaned" in output and "marking it failed" in output
     assert _queue_status(project) == [("all-optimisations-600steps-s0", "Success")]
     assert _table_row(project, "all-optimisations")[1] == "1"
+
+
+@pytest.mark.parametrize("losses", [[1.0, np.inf], [1.0, 5.6e4]], ids=["infinite", "finite, above max_loss"])
+def test_both_kinds_of_divergence_are_recognised(tmp_path: Path, params: Params, losses: list[float]) -> None:
+    with pytest.raises(TrainingDiverged) as raised:
+        _check_divergence(np.array(losses), 35, params.train, 550)
+    log = tmp_path / "run.out"
+    log.write_text(f"error: {raised.value}\n")
+    assert diverged_at(Experiment("no-activation-s0", "failed", {}, {}, log=str(log))) == 36
