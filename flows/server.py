@@ -1,7 +1,12 @@
 """Start and stop a real `prefect server` (SQLite) on a loopback port.
 
-Used by `python -m flows.serve` (the operator's one command), by the tests, and by the
+Used by `python -m flows.deploy --start-server` (`make serve`), by the tests, and by the
 benchmarks. The database lives in ``PREFECT_HOME`` (``<home>/prefect.db``).
+
+The UI is a page that asks the server's ``/ui-settings`` where the API is. Prefect answers
+with ``PREFECT_UI_API_URL``, which defaults to host and port from the settings
+(127.0.0.1:4200), not from ``--port``: a server started on another port would serve a UI
+that talks to port 4200. So every server started here is told its own API URL.
 """
 
 from __future__ import annotations
@@ -60,15 +65,20 @@ def start_server(home: Path, port: int | None = None, ui: bool = False, timeout:
     """Start `prefect server start` and wait until /api/health answers (migrations done)."""
     home.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
+    api_url = f"http://127.0.0.1:{port}/api"
     environment = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
                    "PREFECT_SERVER_UI_ENABLED": str(ui).lower(), "DO_NOT_TRACK": "1",
-                   **(extra_environment or {})}
-    environment.pop("PREFECT_API_URL", None)
+                   # The UI must talk to this server's API, whatever the port (see the module docstring).
+                   "PREFECT_SERVER_API_HOST": "127.0.0.1", "PREFECT_SERVER_API_PORT": str(port),
+                   "PREFECT_SERVER_UI_API_URL": api_url}
+    for stale in ("PREFECT_API_URL", "PREFECT_UI_API_URL"):  # a client's URL, or the older alias
+        environment.pop(stale, None)
+    environment.update(extra_environment or {})
     log = open(home / "server.log", "ab")  # noqa: SIM115 - the server process owns it from here
     command = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
     process = subprocess.Popen(command, env=environment, stdout=log, stderr=subprocess.STDOUT,
                                start_new_session=True)
-    server = PrefectServer(process, f"http://127.0.0.1:{port}/api", home)
+    server = PrefectServer(process, api_url, home)
     deadline = time.monotonic() + timeout
     while not _healthy(server.api_url):
         if process.poll() is not None or time.monotonic() > deadline:
