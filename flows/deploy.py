@@ -89,7 +89,7 @@ def _check_prefect_file(prefect_file: Path, schedule: ScheduleParams) -> None:
 def team_settings(params_file: str = "params.yaml", prefect_file: str = "prefect.yaml") -> dict[str, str]:
     """prefect.yaml's build step (run by `prefect deploy`): the schedule from params.yaml and the
     git repository and branch the workers clone, from the environment. Checks that the branch exists."""
-    schedule = load_params(Path(params_file)).schedule
+    schedule = load_params(Path(params_file).resolve()).schedule
     _check_prefect_file(Path(prefect_file), schedule)
     url, branch = _git_url(), os.environ.get(GIT_BRANCH_VARIABLE, "").strip() or "main"
     found = subprocess.run(["git", "ls-remote", "--heads", url, f"refs/heads/{branch}"], capture_output=True,

@@ -165,7 +165,7 @@ def _push_if_configured(repo: Path, params: Params, log: object) -> None:
         log.warning("schedule.push is true but no DVC remote is configured; skipping dvc push")
 
 
-@task(name="git-sync", persist_result=False)
+@task(name="git-sync", task_run_name="git-sync", persist_result=False)
 def sync_with_branch(repo: Path) -> team.RunStart:
     """Team mode: the newest commit of the branch and every registry tag, before anything runs."""
     start = team.start_from_branch(repo)
@@ -174,7 +174,7 @@ def sync_with_branch(repo: Path) -> team.RunStart:
     return start
 
 
-@task(name="dvc-pull", persist_result=False)
+@task(name="dvc-pull", task_run_name="dvc-pull", persist_result=False)
 def pull_from_remote(repo: Path, timeout: float) -> None:
     """Team mode: what the DVC remote has is not computed again, and the champion is known."""
     get_run_logger().info("dvc pull: %s", team.pull_outputs(repo, required=True, timeout=timeout).summary())
@@ -202,7 +202,7 @@ def commit_message(start: team.RunStart, outcomes: list[StageOutcome], metrics: 
     return "\n".join(lines)
 
 
-@task(name="publish", persist_result=False)
+@task(name="publish", task_run_name="publish", persist_result=False)
 def publish_run(repo: Path, start: team.RunStart, outcomes: list[StageOutcome], params: Params) -> team.Publication:
     """Team mode, when a stage ran: data to the DVC remote first, then one commit, tags, one git push."""
     log = get_run_logger()
