@@ -169,11 +169,14 @@ def _completed(team: Team, run) -> None:
         team, run.id)[-4000:]
 
 
-def teammate_change(team: Team, directory: Path, message: str, **train: object) -> str:
-    """A teammate clones the remote, changes train params, commits and pushes; return the commit."""
+def teammate_change(team: Team, directory: Path, message: str, section: str, **values: object) -> str:
+    """A teammate clones the remote, changes params, commits and pushes; return the commit.
+
+    A `promote` change re-runs promote alone (about 15 s here), a `train` change all but download.
+    """
     clone = team.clone(directory)
     document = yaml.safe_load((clone / "params.yaml").read_text())
-    document["train"].update(train)
+    document[section].update(values)
     (clone / "params.yaml").write_text(yaml.safe_dump(document, sort_keys=False))
     run_command(["git", "commit", "-qam", message], clone)
     run_command(["git", "push", "-q", "origin", "main"], clone)
@@ -257,7 +260,7 @@ def test_baseline_run_ran_the_cloned_code_and_registered_version_1(team: Team) -
 
 
 def test_teammates_params_change_is_trained_and_pushed_as_one_commit(team: Team, tmp_path: Path) -> None:
-    pushed = teammate_change(team, tmp_path / "teammate", "Train 80 steps", steps=80)
+    pushed = teammate_change(team, tmp_path / "teammate", "Train 80 steps", "train", steps=80)
     run = run_once(team)
     _completed(team, run)
     head = team.head()
@@ -287,7 +290,7 @@ def test_run_with_nothing_changed_pushes_nothing(team: Team) -> None:
 
 def test_two_runs_triggered_together_never_overlap_and_the_second_starts_from_the_first(
         team: Team, tmp_path: Path) -> None:
-    pushed = teammate_change(team, tmp_path / "teammate", "Train 90 steps", steps=90)
+    pushed = teammate_change(team, tmp_path / "teammate", "Promote above 0.51", "promote", min_accuracy=0.51)
     first, second = sorted(wait(team, trigger(team, 2)), key=lambda run: run.start_time)
     _completed(team, first)
     _completed(team, second)
@@ -339,7 +342,7 @@ def test_fresh_clone_numbers_a_new_version_after_every_registered_one(team: Team
     run_command(["git", "fetch", "-q", "--tags"], operator)
     registered = team_module.registered_versions(operator)
     assert registered == list(range(1, len(registered) + 1)) and len(registered) >= 3
-    teammate_change(team, tmp_path / "teammate", "Train 100 steps", steps=100)
+    teammate_change(team, tmp_path / "teammate", "Train 100 steps", "train", steps=100)
     run = run_once(team)  # the worker starts from a fresh clone of the remote
     _completed(team, run)
     expected = len(registered) + 1
@@ -352,13 +355,13 @@ def test_local_loop_never_commits_or_pushes(team: Team, tmp_path: Path) -> None:
     clone = team.clone(tmp_path / "local")
     run_command([sys.executable, "-m", "flows.team", "pull"], clone)  # what `make run` does first
     document = yaml.safe_load((clone / "params.yaml").read_text())
-    document["train"]["steps"] = 40
+    document["promote"]["min_accuracy"] = 0.54
     (clone / "params.yaml").write_text(yaml.safe_dump(document, sort_keys=False))
     head = run_command(["git", "rev-parse", "HEAD"], clone).stdout
     result = subprocess.run([sys.executable, "-m", "flows.pipeline"], cwd=clone, env=team.environment(),
                             capture_output=True, text=True, timeout=RUN_TIMEOUT)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "Running stage 'train'" in result.stdout + result.stderr
+    assert "Running stage 'promote'" in result.stdout + result.stderr
     assert run_command(["git", "rev-parse", "HEAD"], clone).stdout == head
     assert "dvc.lock" in run_command(["git", "status", "--porcelain"], clone).stdout
     assert team.refs() == before
@@ -374,7 +377,7 @@ def test_make_run_pulls_what_the_remote_has_then_repro_skips_it(team: Team, tmp_
 
 
 def test_teammates_push_during_a_run_is_kept(team: Team, tmp_path: Path) -> None:
-    teammate_change(team, tmp_path / "teammate", "Train 70 steps", steps=70)
+    teammate_change(team, tmp_path / "teammate", "Promote above 0.52", "promote", min_accuracy=0.52)
     (run,) = trigger(team)
     wait_for_task(team, run, "git-sync")
     other = team.clone(tmp_path / "other")  # lands after the run fixed its starting commit
@@ -394,7 +397,7 @@ def test_teammates_push_during_a_run_is_kept(team: Team, tmp_path: Path) -> None
 
 def test_teammates_push_touching_the_runs_outputs_fails_the_run_and_keeps_the_remote(
         team: Team, tmp_path: Path) -> None:
-    teammate_change(team, tmp_path / "teammate", "Train 50 steps", steps=50)
+    teammate_change(team, tmp_path / "teammate", "Promote above 0.53", "promote", min_accuracy=0.53)
     (run,) = trigger(team)
     wait_for_task(team, run, "git-sync")
     other = team.clone(tmp_path / "other")
