@@ -67,7 +67,10 @@ def _healthy(api_url: str) -> bool:
 
 def advertised_host(host: str) -> str:
     """The name clients and the UI use for a server listening on ``host`` (all interfaces: this machine's)."""
-    return socket.getfqdn() if host in ("0.0.0.0", "::") else host
+    if host not in ("0.0.0.0", "::"):
+        return host
+    name = socket.getfqdn()
+    return socket.gethostname() if name.startswith("localhost") else name
 
 
 def start_server(home: Path, port: int | None = None, ui: bool = False, timeout: float = 180,
