@@ -109,11 +109,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=4200)
     parser.add_argument("--home", type=Path, default=Path(".prefect"), help="PREFECT_HOME: the database and logs")
     args = parser.parse_args(argv)
+    # `kill` as well as Ctrl-C stops the server with this process (it runs in its own session).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     server = start_server(args.home.resolve(), args.port, ui=True, host=args.host)
     print(f"server: UI at {server.ui_url}; clients and workers: export PREFECT_API_URL={server.api_url}", flush=True)
     try:
         server.process.wait()
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):
         pass
     finally:
         server.stop()

@@ -376,6 +376,16 @@ def test_make_run_pulls_what_the_remote_has_then_repro_skips_it(team: Team, tmp_
     assert repro.count("didn't change, skipping") == 4 and "Running stage" not in repro
 
 
+def test_make_run_is_quiet_about_an_empty_or_missing_remote(team: Team, tmp_path: Path) -> None:
+    clone = team.clone(tmp_path / "fresh")
+    (tmp_path / "empty-remote").mkdir()
+    for remote in (tmp_path / "no-such-remote", tmp_path / "empty-remote"):
+        dvc(clone, "remote", "modify", "--local", "team", "url", str(remote))
+        result = run_command([sys.executable, "-m", "flows.team", "pull"], clone)
+        assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
+        assert team_module.missing_outputs(clone) == ["data/raw", "models/candidate", "models/production"]
+
+
 def test_teammates_push_during_a_run_is_kept(team: Team, tmp_path: Path) -> None:
     teammate_change(team, tmp_path / "teammate", "Promote above 0.52", "promote", min_accuracy=0.52)
     (run,) = trigger(team)
