@@ -297,11 +297,13 @@ def _tags(repo: Path) -> set[str]:
 
 
 def _after_last_assignment(repo: Path) -> None:
-    """GTO orders stage assignments by tag time in whole seconds: never create two in one second."""
+    """GTO and DVC order stage assignments by tag time, in whole seconds: the new one must come later."""
     times = git(repo, "for-each-ref", "--format=%(taggerdate:unix)", f"refs/tags/{ARTIFACT}#{STAGE}#*").split()
-    newest = max((int(value) for value in times if value.isdigit()), default=0)
-    while time.time() < newest + 1:
-        time.sleep(0.2)
+    wait = max((int(value) for value in times if value.isdigit()), default=0) + 1 - time.time()
+    if wait > 5:
+        raise TeamError(f"the newest {STAGE} assignment is {wait:.0f} s in this machine's future; a new one "
+                        "would sort before it. Check this machine's clock; nothing was tagged")
+    time.sleep(max(wait, 0))
 
 
 def register_promotion(repo: Path, version: int) -> list[str]:
