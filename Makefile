@@ -1,5 +1,5 @@
 # Two commands on a fresh machine (Python 3.11 + pip):
-#   make run    set up .venv, then `dvc repro` the whole pipeline on real MNIST
+#   make run    set up .venv, `dvc pull` what the DVC remote has, then `dvc repro` the pipeline on real MNIST
 #   make test   set up .venv, then run every test (unit, end-to-end, real-data)
 # Both are idempotent: a second call reuses .venv and DVC skips unchanged stages.
 
@@ -18,8 +18,11 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # params.yaml is checked before DVC reads it: a hostile file (a YAML alias bomb) fails at once.
+# A fresh clone first fetches what the DVC remote already holds (quiet when it holds nothing),
+# so `dvc repro` recomputes only what nobody computed and pushed before. Never commits or pushes.
 run: $(STAMP)
 	$(PYTHON) -m tasks.params check params.yaml
+	$(PYTHON) -m flows.team pull
 	dvc repro
 
 test: $(STAMP)

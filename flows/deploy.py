@@ -8,18 +8,32 @@ the Prefect server's database, and ``serve`` does not pause the schedule when it
 restarted serving process picks the same schedule up again (runs that came due meanwhile
 start late).
 
-    python -m flows.deploy [--repo .]                 # against PREFECT_API_URL
-    python -m flows.deploy --start-server [--port 4200] [--home .prefect]
-                                                      # also start a local server with its UI
+Two ways to deploy the same flow:
+
+* one machine (``make serve``): this module serves the deployment from this checkout;
+
+      python -m flows.deploy [--repo .]                 # against PREFECT_API_URL
+      python -m flows.deploy --start-server [--port 4200] [--home .prefect]
+                                                        # also start a local server with its UI
+
+* a team: ``prefect.yaml`` deploys it to a ``process`` work pool, its runs in team mode
+  (``publish``), the code cloned from git by the worker for each run. Its build step is
+  ``team_settings`` below, which reads params.yaml and the environment:
+
+      MNIST_PIPELINE_GIT_URL=<git url> [MNIST_PIPELINE_GIT_BRANCH=main] prefect --no-prompt deploy --all
+      prefect worker start --pool mnist-pool
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import urlparse
 
+import yaml
 from prefect import serve
 from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
 from prefect.deployments.runner import RunnerDeployment
@@ -29,6 +43,9 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from flows.pipeline import pipeline
 from flows.server import start_server
 from tasks.params import ScheduleParams, load_params
+
+ENTRYPOINT = "flows/pipeline.py:pipeline"
+GIT_URL_VARIABLE, GIT_BRANCH_VARIABLE = "MNIST_PIPELINE_GIT_URL", "MNIST_PIPELINE_GIT_BRANCH"
 
 
 def build_deployment(schedule: ScheduleParams, repo: Path) -> RunnerDeployment:
@@ -41,6 +58,47 @@ def build_deployment(schedule: ScheduleParams, repo: Path) -> RunnerDeployment:
         description="Retrain, evaluate and promote the MNIST model through DVC on a schedule.",
         tags=["mnist", "dvc"],
     )
+
+
+def _git_url() -> str:
+    """The repository workers clone; a local path is made absolute (workers clone from elsewhere)."""
+    url = os.environ.get(GIT_URL_VARIABLE, "").strip()
+    if not url:
+        raise ValueError(f"set {GIT_URL_VARIABLE} to the team's git repository, the one workers clone for each run "
+                         f"(and {GIT_BRANCH_VARIABLE}, default main), then run `prefect deploy --all` again")
+    is_local = not urlparse(url).scheme and not (":" in url and "@" in url.split(":", 1)[0])
+    return str(Path(url).expanduser().resolve()) if is_local else url
+
+
+def _check_prefect_file(prefect_file: Path, schedule: ScheduleParams) -> None:
+    """prefect.yaml names its work pool and deployment literally (Prefect reads them before any
+    build step runs), so they are checked against params.yaml here instead of read from it."""
+    document = yaml.safe_load(prefect_file.read_text())
+    for deployment in document.get("deployments") or []:
+        if deployment.get("entrypoint") != ENTRYPOINT:
+            continue
+        pool = (deployment.get("work_pool") or {}).get("name")
+        for key, found, expected in (("name", deployment.get("name"), schedule.deployment_name),
+                                     ("work_pool.name", pool, schedule.work_pool)):
+            if found != expected:
+                setting = "deployment_name" if key == "name" else "work_pool"
+                raise ValueError(f"{prefect_file}: deployment {key} is {found!r} but params.yaml schedule.{setting} "
+                                 f"is {expected!r}; make them agree")
+
+
+def team_settings(params_file: str = "params.yaml", prefect_file: str = "prefect.yaml") -> dict[str, str]:
+    """prefect.yaml's build step (run by `prefect deploy`): the schedule from params.yaml and the
+    git repository and branch the workers clone, from the environment. Checks that the branch exists."""
+    schedule = load_params(Path(params_file).resolve()).schedule
+    _check_prefect_file(Path(prefect_file), schedule)
+    url, branch = _git_url(), os.environ.get(GIT_BRANCH_VARIABLE, "").strip() or "main"
+    found = subprocess.run(["git", "ls-remote", "--heads", url, f"refs/heads/{branch}"], capture_output=True,
+                           text=True, env={**os.environ, "GIT_TERMINAL_PROMPT": "0"})
+    if found.returncode != 0 or not found.stdout.strip():
+        detail = found.stderr.strip().splitlines()[-1:] if found.returncode else "no such branch"
+        raise ValueError(f"{GIT_URL_VARIABLE}={url}: cannot clone branch {branch!r} ({detail})")
+    return {"git_url": url, "git_branch": branch, "cron": schedule.cron, "timezone": schedule.timezone,
+            "collision_strategy": schedule.collision_strategy}
 
 
 def serve_pipeline(repo: Path) -> None:

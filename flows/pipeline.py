@@ -7,7 +7,13 @@ not have: retries (download, with exponential backoff), per-stage time-outs, the
 streamed into the run logs, and artifacts — a table of the evaluation metrics against the
 last commit and a summary of the promotion decision. No TensorFlow here.
 
-    python -m flows.pipeline [--repo .]
+    python -m flows.pipeline [--repo .]             # the local loop: never commits or pushes
+    python -m flows.pipeline [--repo .] --publish   # team mode (what prefect.yaml's deployment runs)
+
+With ``--publish`` (flow parameter ``publish``) the run follows its git branch and records
+itself (see ``flows/team.py``): tasks ``git-sync`` (the branch's newest commit and its tags)
+and ``dvc-pull`` come before the stages, and ``publish`` after them when a stage ran
+(``dvc push``, one commit of the results, GTO tags of a promoted version, one atomic push).
 
 With ``PREFECT_API_URL`` set, the run is recorded on that server; otherwise Prefect starts a
 temporary local server for the run.
@@ -33,6 +39,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.states import Completed, State
 
+from flows import team
 from tasks.params import Params, load_params
 
 STAGES = ("download", "train", "evaluate", "promote")
@@ -158,29 +165,107 @@ def _push_if_configured(repo: Path, params: Params, log: object) -> None:
         log.warning("schedule.push is true but no DVC remote is configured; skipping dvc push")
 
 
-@flow(name="mnist-pipeline", log_prints=True, persist_result=False)
-def pipeline(repo: str = ".") -> list[dict]:
-    """download -> train -> evaluate -> promote, each stage reproduced by DVC in ``repo``."""
-    root = Path(repo).resolve()
-    params = load_params(root / "params.yaml")  # fails here, before any stage, on bad params
+@task(name="git-sync", task_run_name="git-sync", persist_result=False)
+def sync_with_branch(repo: Path) -> team.RunStart:
+    """Team mode: the newest commit of the branch and every registry tag, before anything runs."""
+    start = team.start_from_branch(repo)
+    get_run_logger().info("team: starting from %s at %s (flow code from %s)", start.branch, start.commit,
+                          Path(__file__).resolve().parent)
+    return start
+
+
+@task(name="dvc-pull", task_run_name="dvc-pull", persist_result=False)
+def pull_from_remote(repo: Path, timeout: float) -> None:
+    """Team mode: what the DVC remote has is not computed again, and the champion is known."""
+    get_run_logger().info("dvc pull: %s", team.pull_outputs(repo, required=True, timeout=timeout).summary())
+
+
+def commit_message(start: team.RunStart, outcomes: list[StageOutcome], metrics: dict, decision: dict | None) -> str:
+    """Names the run, its test accuracy and its promotion decision."""
+    from prefect.runtime import deployment, flow_run
+
+    accuracy = metrics.get("test", {}).get("accuracy")
+    if decision is None:
+        verdict = "no promotion decision (promote did not run)"
+    elif decision.get("promoted"):
+        verdict = f"promoted as {team.ARTIFACT} version {decision['version']}"
+    else:
+        verdict = "not promoted"
+    ran = [outcome.stage for outcome in outcomes if not outcome.skipped]
+    skipped = [outcome.stage for outcome in outcomes if outcome.skipped]
+    lines = [f"Run {flow_run.name}: test accuracy {accuracy}, {verdict}", "",
+             f"Flow run {flow_run.name} ({flow_run.id}) of deployment {deployment.name or '(none)'}, "
+             f"from {start.branch} at {start.commit[:12]}.",
+             f"Stages run: {', '.join(ran)}; skipped: {', '.join(skipped) or 'none'}."]
+    if decision is not None:
+        lines.append(f"Promotion: {decision.get('reason')}")
+    return "\n".join(lines)
+
+
+@task(name="publish", task_run_name="publish", persist_result=False)
+def publish_run(repo: Path, start: team.RunStart, outcomes: list[StageOutcome], params: Params) -> team.Publication:
+    """Team mode, when a stage ran: data to the DVC remote first, then one commit, tags, one git push."""
+    log = get_run_logger()
+    log.info("dvc push: %s", team.push_data(repo, params.schedule.stage_timeout_seconds["download"]))
+    promote_ran = any(outcome.stage == "promote" and not outcome.skipped for outcome in outcomes)
+    decision = json.loads((repo / params.paths.promotion).read_text()) if promote_ran else None
+    metrics = json.loads((repo / params.paths.metrics).read_text())
+    message = commit_message(start, outcomes, metrics, decision)
+    version = decision["version"] if decision and decision.get("promoted") else None
+    publication = team.publish_results(repo, start, message, version)
+    if publication.commit is None:
+        log.info("publish: the stages changed nothing git tracks; nothing pushed to git")
+    else:
+        moved = f" (rebased onto {publication.rebased_onto[:12]})" if publication.rebased_onto else ""
+        log.info("publish: pushed %s to %s%s; tags: %s", publication.commit, publication.branch, moved,
+                 ", ".join(publication.tags) or "none")
+        create_markdown_artifact(key="git-publication", description="What this run pushed to git",
+                                 markdown=f"# Commit `{publication.commit[:12]}` on `{publication.branch}`{moved}\n\n"
+                                          f"```\n{message}\n```\n\nTags: {', '.join(publication.tags) or 'none'}")
+    return publication
+
+
+def _run_stages(root: Path, params: Params) -> list[StageOutcome]:
     log = get_run_logger()
     outcomes = []
     for stage in STAGES:
         timeout = params.schedule.stage_timeout_seconds[stage]
         state = _stage_task(stage, params)(stage, root, timeout, return_state=True)
         outcome = state.result()  # re-raises the stage's error: the flow fails, later stages never run
-        outcomes.append(asdict(outcome))
+        outcomes.append(outcome)
         log.info("%s: %s", stage, "skipped (unchanged)" if outcome.skipped else f"ran in {outcome.seconds} s")
-    _publish_artifacts(root, params)
-    _push_if_configured(root, params, log)
     return outcomes
+
+
+@flow(name="mnist-pipeline", log_prints=True, persist_result=False)
+def pipeline(repo: str = ".", publish: bool = False) -> list[dict]:
+    """download -> train -> evaluate -> promote, each stage reproduced by DVC in ``repo``.
+
+    ``publish``: follow the git branch and record the run in git and DVC (team mode).
+    """
+    root = Path(repo).resolve()
+    start = sync_with_branch(root) if publish else None  # before params: the branch may change them
+    params = load_params(root / "params.yaml")  # fails here, before any stage, on bad params
+    if publish:
+        pull_from_remote(root, params.schedule.stage_timeout_seconds["download"])
+    outcomes = _run_stages(root, params)
+    _publish_artifacts(root, params)
+    if not publish:
+        _push_if_configured(root, params, get_run_logger())
+    elif any(not outcome.skipped for outcome in outcomes):
+        publish_run(root, start, outcomes, params)
+    else:
+        get_run_logger().info("publish: every stage was up to date; nothing pushed")
+    return [asdict(outcome) for outcome in outcomes]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repo", default=".", help="the project directory (a git + DVC repository)")
+    parser.add_argument("--publish", action="store_true",
+                        help="team mode: follow the git branch, then dvc push and commit + push the results")
     args = parser.parse_args(argv)
-    state = pipeline(repo=args.repo, return_state=True)
+    state = pipeline(repo=args.repo, publish=args.publish, return_state=True)
     if not state.is_completed():
         print(f"error: the pipeline flow ended {state.name}: {state.message}", file=sys.stderr)
         return 1

@@ -1,11 +1,21 @@
 """Start and stop a real `prefect server` (SQLite) on a loopback port.
 
-Used by `python -m flows.serve` (the operator's one command), by the tests, and by the
-benchmarks. The database lives in ``PREFECT_HOME`` (``<home>/prefect.db``).
+Used by `python -m flows.deploy --start-server` (`make serve`), by the tests, and by the
+benchmarks, and on its own as the team's server:
+
+    python -m flows.server [--host 0.0.0.0] [--port 4200] [--home .prefect]   # Ctrl-C stops it
+
+The database lives in ``PREFECT_HOME`` (``<home>/prefect.db``).
+
+The UI is a page that asks the server's ``/ui-settings`` where the API is. Prefect answers
+with ``PREFECT_UI_API_URL``, which defaults to host and port from the settings
+(127.0.0.1:4200), not from ``--port``: a server started on another port would serve a UI
+that talks to port 4200. So every server started here is told its own API URL.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import socket
@@ -55,25 +65,62 @@ def _healthy(api_url: str) -> bool:
         return False
 
 
+def advertised_host(host: str) -> str:
+    """The name clients and the UI use for a server listening on ``host`` (all interfaces: this machine's)."""
+    if host not in ("0.0.0.0", "::"):
+        return host
+    name = socket.getfqdn()
+    return socket.gethostname() if name.startswith("localhost") else name
+
+
 def start_server(home: Path, port: int | None = None, ui: bool = False, timeout: float = 180,
-                 extra_environment: dict[str, str] | None = None) -> PrefectServer:
+                 extra_environment: dict[str, str] | None = None, host: str = "127.0.0.1") -> PrefectServer:
     """Start `prefect server start` and wait until /api/health answers (migrations done)."""
     home.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
+    api_url = f"http://{advertised_host(host)}:{port}/api"
     environment = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
                    "PREFECT_SERVER_UI_ENABLED": str(ui).lower(), "DO_NOT_TRACK": "1",
-                   **(extra_environment or {})}
-    environment.pop("PREFECT_API_URL", None)
+                   # The UI must talk to this server's API, whatever the port (see the module docstring).
+                   "PREFECT_SERVER_API_HOST": host, "PREFECT_SERVER_API_PORT": str(port),
+                   "PREFECT_SERVER_UI_API_URL": api_url}
+    for stale in ("PREFECT_API_URL", "PREFECT_UI_API_URL"):  # a client's URL, or the older alias
+        environment.pop(stale, None)
+    environment.update(extra_environment or {})
     log = open(home / "server.log", "ab")  # noqa: SIM115 - the server process owns it from here
-    command = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    command = [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)]
     process = subprocess.Popen(command, env=environment, stdout=log, stderr=subprocess.STDOUT,
                                start_new_session=True)
-    server = PrefectServer(process, f"http://127.0.0.1:{port}/api", home)
+    server = PrefectServer(process, api_url, home)
+    local_api = f"http://127.0.0.1:{port}/api" if host in ("0.0.0.0", "::") else api_url
     deadline = time.monotonic() + timeout
-    while not _healthy(server.api_url):
+    while not _healthy(local_api):
         if process.poll() is not None or time.monotonic() > deadline:
             server.stop()
             tail = (home / "server.log").read_text(errors="replace")[-2000:]
             raise RuntimeError(f"prefect server did not become healthy on port {port}:\n{tail}")
         time.sleep(0.3)
     return server
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Run a Prefect server (SQLite) whose UI talks to its own API.")
+    parser.add_argument("--host", default="127.0.0.1", help="0.0.0.0: reachable by workers on other machines")
+    parser.add_argument("--port", type=int, default=4200)
+    parser.add_argument("--home", type=Path, default=Path(".prefect"), help="PREFECT_HOME: the database and logs")
+    args = parser.parse_args(argv)
+    # `kill` as well as Ctrl-C stops the server with this process (it runs in its own session).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    server = start_server(args.home.resolve(), args.port, ui=True, host=args.host)
+    print(f"server: UI at {server.ui_url}; clients and workers: export PREFECT_API_URL={server.api_url}", flush=True)
+    try:
+        server.process.wait()
+    except (KeyboardInterrupt, SystemExit):
+        pass
+    finally:
+        server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -191,6 +191,8 @@ class ScheduleParams(Section):
     retry_delay_seconds: float = Field(ge=0, le=3600)
     stage_timeout_seconds: dict[Literal["download", "train", "evaluate", "promote"], float]
     push: bool
+    # The Prefect work pool (type `process`) that prefect.yaml deploys to and workers poll.
+    work_pool: str = Field(default="mnist-pool", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
 
 
 class Params(Section):

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -217,3 +218,23 @@ def _stop(process: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
+
+
+def test_ui_of_a_server_on_any_port_talks_to_that_server(tmp_path: Path, synthetic_source: Path) -> None:
+    """The UI page asks /ui-settings where the API is; it must be this server's, not port 4200's."""
+    started = start_server(tmp_path / "ui-home", ui=True)  # a free port: not Prefect's default
+    try:
+        with urllib.request.urlopen(f"{started.ui_url}/ui-settings", timeout=10) as response:
+            api_url = json.load(response)["api_url"]
+        assert api_url == started.api_url and not api_url.endswith(":4200/api")
+        document = make_params_document(synthetic_source)
+        document["train"]["learnig_rate"] = 0.1  # a run that fails at once still shows in the UI
+        result = _run_flow(make_project(tmp_path / "shown", document), started)
+        assert result.returncode == 1
+        request = urllib.request.Request(f"{api_url}/flow_runs/filter", data=b"{}", method="POST",
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=10) as response:  # what the UI asks, at the URL it was given
+            runs = json.load(response)
+        assert [run["state_name"] for run in runs] == ["Failed"]
+    finally:
+        started.stop()

@@ -1,0 +1,376 @@
+"""Team mode: a run that follows a git branch and records itself in git, DVC and DVC's model registry.
+
+A published run (``python -m flows.pipeline --publish``, or the work-pool deployment of
+prefect.yaml, whose worker clones the branch first) goes:
+
+1. ``start_from_branch``: the newest commit of the branch, and every tag (the registered model
+   versions, which promote numbers after); then ``pull_outputs``: ``dvc pull`` what the DVC
+   remote has, so nothing computed before is computed again and the champion is known;
+2. the stages, through the flow, as in the local loop;
+3. only if a stage ran: ``push_data`` (``dvc push``) first, then ``publish_results``: one commit
+   of the results, rebased onto the branch if a teammate pushed meanwhile, the GTO tags of a
+   promoted version, and one atomic ``git push``. Data first: every commit on the git remote has
+   its data in the DVC remote. If the teammate's commits touch a file this run wrote, the run
+   fails and the git remote keeps what it had.
+
+Registry: DVC's model registry is GTO's git tags. Version N of ``models/production/`` (TF
+Serving's integer versions) is registered as ``mnist-mlp@vN.0.0`` (GTO accepts only semantic
+versions, so ``@vN`` alone would be invisible to ``gto show``, ``dvc artifacts get`` and DVC
+Studio) at the commit that published it; the served one carries stage ``prod``
+(``mnist-mlp#prod#K``). ``dvc artifacts get <git-url> mnist-mlp --stage prod`` fetches
+``models/production/`` as of that commit, whose highest version is the one in ``prod``.
+
+No Prefect and no TensorFlow here: plain git, DVC and GTO, also usable from the command line:
+
+    python -m flows.team pull                     # what `make run` does first: dvc pull, quietly
+    python -m flows.team assign-prod N [--push]   # stage prod to registered version N (rollback)
+    python -m flows.team show                     # registered versions and the one in prod
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ARTIFACT = "mnist-mlp"
+STAGE = "prod"
+REMOTE = "origin"
+PUSH_ATTEMPTS = 3
+_VERSION_TAG = re.compile(rf"^{re.escape(ARTIFACT)}@v(\d+)\.0\.0$")
+
+
+class TeamError(RuntimeError):
+    """A team-mode step cannot proceed; the message says why and what was left as it was."""
+
+
+@dataclass(frozen=True)
+class RunStart:
+    branch: str
+    commit: str
+
+
+@dataclass(frozen=True)
+class Publication:
+    commit: str | None  # None: nothing to commit
+    branch: str
+    tags: list[str] = field(default_factory=list)
+    rebased_onto: str | None = None
+
+
+def gto_version(version: int) -> str:
+    """TF Serving version N as the semantic version GTO requires."""
+    return f"v{version}.0.0"
+
+
+def _environment() -> dict[str, str]:
+    """`python` and `dvc` are this interpreter's; git never waits for a password prompt."""
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    return {**os.environ, "PATH": path, "GIT_TERMINAL_PROMPT": "0"}
+
+
+def _git(repo: Path, arguments: tuple[str, ...]) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", *arguments], cwd=repo, capture_output=True, text=True, env=_environment())
+
+
+def git(repo: Path, *arguments: str, check: bool = True) -> str:
+    """Run git in ``repo``; return its output. A failure is a TeamError carrying git's message."""
+    result = _git(repo, arguments)
+    if check and result.returncode != 0:
+        raise TeamError(f"`git {' '.join(arguments)}` failed: {(result.stderr or result.stdout).strip()}")
+    return result.stdout.strip()
+
+
+def git_succeeds(repo: Path, *arguments: str) -> bool:
+    return _git(repo, arguments).returncode == 0
+
+
+def dvc(repo: Path, *arguments: str, timeout: float = 3600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dvc", *arguments], cwd=repo, capture_output=True, text=True,
+                          env=_environment(), timeout=timeout)
+
+
+@contextlib.contextmanager
+def _dvc_repo(repo: Path) -> Iterator:
+    from dvc.repo import Repo
+
+    with contextlib.chdir(repo), Repo(".") as dvc_repo:  # DVC resolves paths from the working directory
+        yield dvc_repo
+
+
+def default_remote(repo: Path) -> str | None:
+    with _dvc_repo(repo) as dvc_repo:
+        return dvc_repo.config["core"].get("remote")
+
+
+# ---- start of a run -------------------------------------------------------------------------
+
+def current_branch(repo: Path) -> str:
+    branch = git(repo, "symbolic-ref", "--quiet", "--short", "HEAD", check=False)
+    if not branch:
+        raise TeamError(f"{repo}: HEAD is detached; a published run needs a checked-out branch")
+    return branch
+
+
+def ensure_identity(repo: Path) -> None:
+    """Commits and tags need an author; a worker machine may have none configured."""
+    if not git(repo, "config", "user.email", check=False):
+        git(repo, "config", "user.name", "mnist-pipeline")
+        git(repo, "config", "user.email", f"mnist-pipeline@{socket.gethostname()}")
+
+
+def fetch_branch(repo: Path, branch: str) -> str:
+    """Fetch the branch (all history: rebase and GTO need it) and every tag; return the remote tip."""
+    unshallow = ["--unshallow"] if git(repo, "rev-parse", "--is-shallow-repository") == "true" else []
+    # --force: the remote's tags win over stale local ones (a registry tag names one commit).
+    git(repo, "fetch", "--quiet", "--tags", "--force", *unshallow, REMOTE, branch)
+    return git(repo, "rev-parse", "FETCH_HEAD")
+
+
+def start_from_branch(repo: Path) -> RunStart:
+    """Bring a clean checkout to the newest commit of its branch, with every registry tag."""
+    branch = current_branch(repo)
+    changed = git(repo, "status", "--porcelain", "--untracked-files=no")
+    if changed:
+        raise TeamError(f"{repo}: a published run needs a clean checkout; tracked files have changes:\n{changed}")
+    tip = fetch_branch(repo, branch)
+    if not git_succeeds(repo, "merge", "--ff-only", "--quiet", tip):
+        raise TeamError(f"{repo}: the local '{branch}' has commits that {REMOTE}/{branch} has not; "
+                        "push or drop them before a published run")
+    ensure_identity(repo)
+    return RunStart(branch, tip)
+
+
+def missing_outputs(repo: Path) -> list[str]:
+    """Outputs recorded in dvc.lock and kept in DVC's cache that are absent from the workspace."""
+    with _dvc_repo(repo) as dvc_repo:
+        return [out.def_path for out in dvc_repo.index.outs if out.use_cache and out.hash_info and not out.exists]
+
+
+@dataclass(frozen=True)
+class PullOutcome:
+    remote: str | None
+    pulled: list[str] = field(default_factory=list)
+    absent: list[str] = field(default_factory=list)  # missing here, and not in the remote either
+    failure: str | None = None
+
+    def summary(self) -> str:
+        if self.remote is None:
+            return "no DVC remote configured; nothing pulled"
+        if self.failure:
+            return f"dvc pull from remote '{self.remote}' failed ({self.failure}); the stages compute what is missing"
+        pulled = f"pulled {', '.join(self.pulled)}" if self.pulled else "nothing to pull"
+        absent = f"; not in the remote yet: {', '.join(self.absent)}" if self.absent else ""
+        return f"{pulled} (DVC remote '{self.remote}'){absent}"
+
+
+def pull_outputs(repo: Path, required: bool, timeout: float = 3600) -> PullOutcome:
+    """`dvc pull` what the default remote has of the outputs missing here.
+
+    An empty or absent remote is normal (nothing pushed yet): the stages compute what is missing.
+    Only missing outputs are pulled, so local changes to an output are never overwritten.
+    ``required`` (a published run): no remote, or one that cannot be read, is an error.
+    """
+    remote = default_remote(repo)
+    if remote is None:
+        if required:
+            raise TeamError("a published run needs a default DVC remote that every clone knows: "
+                            "`dvc remote add -d <name> <url>`, then commit .dvc/config")
+        return PullOutcome(None)
+    missing = missing_outputs(repo)
+    if not missing:
+        return PullOutcome(remote)
+    result = dvc(repo, "pull", "--allow-missing", *missing, timeout=timeout)
+    if result.returncode != 0:
+        failure = (result.stderr.strip().splitlines() or ["no message"])[-1]
+        if required:
+            raise TeamError(f"dvc pull from remote '{remote}' failed: {failure}")
+        return PullOutcome(remote, failure=failure)
+    absent = missing_outputs(repo)
+    return PullOutcome(remote, [path for path in missing if path not in absent], absent)
+
+
+# ---- publishing -------------------------------------------------------------------------------
+
+def push_data(repo: Path, timeout: float = 3600) -> str:
+    """`dvc push` every cached output; must succeed before the commit that names them is pushed."""
+    result = dvc(repo, "push", timeout=timeout)
+    if result.returncode != 0:
+        raise TeamError(f"dvc push failed, so nothing was committed or pushed to git:\n{result.stderr.strip()}")
+    return result.stdout.strip().splitlines()[-1] if result.stdout.strip() else "dvc push: done"
+
+
+def result_paths(repo: Path) -> list[str]:
+    """What git records of a run: dvc.lock, the outputs DVC leaves to git, the .gitignore DVC writes."""
+    with _dvc_repo(repo) as dvc_repo:
+        outs = list(dvc_repo.index.outs)
+    paths = {"dvc.lock"} | {out.def_path for out in outs if not out.use_cache}
+    paths |= {str(Path(out.def_path).parent / ".gitignore") for out in outs if out.use_cache}
+    tracked = set(git(repo, "ls-files", "--", *paths).splitlines())
+    return sorted(path for path in paths if (repo / path).exists() or path in tracked
+                  or any(name.startswith(path + "/") for name in tracked))
+
+
+def commit_results(repo: Path, message: str) -> str | None:
+    """One commit of the run's results; None when git sees no change."""
+    git(repo, "add", "--all", "--", *result_paths(repo))
+    if not git(repo, "diff", "--cached", "--name-only"):
+        return None
+    git(repo, "commit", "--quiet", "--no-verify", "-m", message)
+    return git(repo, "rev-parse", "HEAD")
+
+
+def _rebase_onto(repo: Path, tip: str) -> None:
+    """Rebase the run's commit onto ``tip`` unless the new commits there touch what the run wrote."""
+    ours = set(git(repo, "diff", "--name-only", "HEAD~1", "HEAD").splitlines())
+    base = git(repo, "merge-base", "HEAD", tip)
+    theirs = set(git(repo, "diff", "--name-only", base, tip).splitlines())
+    if overlap := sorted(ours & theirs):
+        commits = git(repo, "log", "--format=%h %an: %s", f"{base}..{tip}")
+        raise TeamError("the branch moved during this run and the new commits change files this run also wrote "
+                        f"({', '.join(overlap)}):\n{commits}\nNothing was pushed to git (the git remote is as "
+                        "it was; the data in the DVC remote is harmless); the next run starts from their commit.")
+    if not git_succeeds(repo, "rebase", "--quiet", tip):
+        git(repo, "rebase", "--abort", check=False)
+        raise TeamError(f"could not rebase this run's commit onto {tip[:12]}; nothing was pushed to git")
+
+
+def publish_results(repo: Path, start: RunStart, message: str, promoted_version: int | None) -> Publication:
+    """Commit the results, tag a promoted version, push both to the branch in one atomic push."""
+    commit = commit_results(repo, message)
+    if commit is None:
+        return Publication(None, start.branch)
+    rebased_onto = None
+    for _attempt in range(PUSH_ATTEMPTS):
+        tip = fetch_branch(repo, start.branch)
+        if git(repo, "rev-parse", "HEAD~1") != tip:
+            _rebase_onto(repo, tip)
+            rebased_onto = tip
+        tags = register_promotion(repo, promoted_version) if promoted_version else []
+        if _push(repo, start.branch, tags):
+            return Publication(git(repo, "rev-parse", "HEAD"), start.branch, tags, rebased_onto)
+        for tag in tags:  # the branch moved again: tag the rebased commit next time
+            git(repo, "tag", "--delete", tag)
+    raise TeamError(f"the branch kept moving; gave up after {PUSH_ATTEMPTS} pushes (the git remote is as it was)")
+
+
+def _push(repo: Path, branch: str, tags: list[str]) -> bool:
+    """One atomic push of the branch and the tags: all of it lands, or none. False: branch moved."""
+    refs = [f"HEAD:refs/heads/{branch}", *(f"refs/tags/{tag}" for tag in tags)]
+    result = _git(repo, ("push", "--atomic", "--porcelain", REMOTE, *refs))
+    if result.returncode == 0:
+        return True
+    if re.search(rf"refs/heads/{re.escape(branch)}\t\[rejected\] \((fetch first|non-fast-forward)\)", result.stdout):
+        return False
+    raise TeamError(f"git push to {REMOTE} failed; nothing was pushed:\n{(result.stdout + result.stderr).strip()}")
+
+
+# ---- the model registry (GTO tags) -------------------------------------------------------------
+
+def registered_versions(repo: Path) -> list[int]:
+    """TF Serving versions registered as ``mnist-mlp@vN.0.0`` tags, ascending."""
+    names = git(repo, "tag", "--list", f"{ARTIFACT}@v*").splitlines()
+    return sorted(int(match.group(1)) for name in names if (match := _VERSION_TAG.match(name)))
+
+
+def prod_version(repo: Path) -> int | None:
+    """The version in stage prod as `dvc artifacts get --stage prod` finds it: the newest assignment."""
+    assignments = git(repo, "for-each-ref", "--sort=taggerdate", "--format=%(*objectname)",
+                      f"refs/tags/{ARTIFACT}#{STAGE}#*").split()
+    if not assignments:
+        return None
+    names = git(repo, "tag", "--points-at", assignments[-1], "--list", f"{ARTIFACT}@v*").splitlines()
+    versions = [int(match.group(1)) for name in names if (match := _VERSION_TAG.match(name))]
+    return max(versions, default=None)
+
+
+def _tags(repo: Path) -> set[str]:
+    return set(git(repo, "tag", "--list", f"{ARTIFACT}[@#]*").splitlines())
+
+
+def _after_last_assignment(repo: Path) -> None:
+    """GTO and DVC order stage assignments by tag time, in whole seconds: the new one must come later."""
+    times = git(repo, "for-each-ref", "--format=%(taggerdate:unix)", f"refs/tags/{ARTIFACT}#{STAGE}#*").split()
+    wait = max((int(value) for value in times if value.isdigit()), default=0) + 1 - time.time()
+    if wait > 5:
+        raise TeamError(f"the newest {STAGE} assignment is {wait:.0f} s in this machine's future; a new one "
+                        "would sort before it. Check this machine's clock; nothing was tagged")
+    time.sleep(max(wait, 0))
+
+
+def register_promotion(repo: Path, version: int) -> list[str]:
+    """Register version N at HEAD and assign it stage prod; return the new local tags."""
+    from gto.api import assign, register
+    from gto.exceptions import GTOException
+
+    before = _tags(repo)
+    try:
+        register(str(repo), ARTIFACT, "HEAD", version=gto_version(version),
+                 message=f"Register {ARTIFACT} version {version} (models/production/{version})")
+        _after_last_assignment(repo)
+        assign(str(repo), ARTIFACT, STAGE, version=gto_version(version), force=True,
+               message=f"Assign {ARTIFACT} version {version} to {STAGE}")
+    except GTOException as error:
+        raise TeamError(f"cannot register {ARTIFACT} version {version}: {error}; nothing was pushed to git") from None
+    return sorted(_tags(repo) - before)
+
+
+def assign_prod(repo: Path, version: int, push: bool) -> str:
+    """Stage prod to an already registered version (a rollback); return the assignment tag."""
+    from gto.api import assign
+
+    if push:
+        git(repo, "fetch", "--quiet", "--tags", "--force", REMOTE)
+    known = registered_versions(repo)
+    if version not in known:
+        raise TeamError(f"{ARTIFACT} version {version} is not registered (registered: {known or 'none'})")
+    ensure_identity(repo)
+    before = _tags(repo)
+    _after_last_assignment(repo)
+    assign(str(repo), ARTIFACT, STAGE, version=gto_version(version), force=True,
+           message=f"Assign {ARTIFACT} version {version} to {STAGE}")
+    (tag,) = _tags(repo) - before
+    if push:
+        git(repo, "push", "--quiet", REMOTE, f"refs/tags/{tag}")
+    return tag
+
+
+# ---- command line -------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repo", type=Path, default=Path("."), help="the project directory")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("pull", help="dvc pull the outputs missing here from the default remote, quietly")
+    assign_parser = commands.add_parser("assign-prod", help="assign stage prod to a registered version")
+    assign_parser.add_argument("version", type=int)
+    assign_parser.add_argument("--push", action="store_true", help=f"push the tag to {REMOTE}")
+    commands.add_parser("show", help="registered versions and the one in prod")
+    args = parser.parse_args(argv)
+    repo = args.repo.resolve()
+    try:
+        if args.command == "pull":
+            outcome = pull_outputs(repo, required=False)
+            if outcome.pulled or outcome.failure:  # an empty or absent remote is no news
+                print(f"dvc pull: {outcome.summary()}")
+        elif args.command == "assign-prod":
+            tag = assign_prod(repo, args.version, args.push)
+            print(f"{ARTIFACT}: version {args.version} is in {STAGE} ({tag}{', pushed' if args.push else ''})")
+        else:
+            print(f"{ARTIFACT}: registered {registered_versions(repo) or 'none'}; in {STAGE}: {prod_version(repo)}")
+    except TeamError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""prefect.yaml's build step (`flows.deploy.team_settings`) and prefect.yaml itself, without a server.
+
+`prefect deploy --all` against a real server and worker is tested in tests/test_team.py.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flows.deploy import GIT_BRANCH_VARIABLE, GIT_URL_VARIABLE, team_settings
+from tasks.params import load_params
+
+from .conftest import REPO_ROOT, make_params_document, run_command
+
+
+@pytest.fixture
+def project(tmp_path: Path, synthetic_source: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """params.yaml and prefect.yaml in the working directory, as `prefect deploy` runs them."""
+    document = make_params_document(synthetic_source)
+    document["schedule"].update(cron="30 2 * * 1", timezone="Europe/Paris", collision_strategy="CANCEL_NEW")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(document))
+    (tmp_path / "prefect.yaml").write_text((REPO_ROOT / "prefect.yaml").read_text())
+    seed = tmp_path / "seed"
+    run_command(["git", "init", "-q", "-b", "main", str(seed)], tmp_path)
+    run_command(["git", "-c", "user.name=t", "-c", "user.email=t@example.invalid", "commit", "-q", "--allow-empty",
+                 "-m", "first"], seed)
+    run_command(["git", "clone", "-q", "--bare", str(seed), str(tmp_path / "team.git")], tmp_path)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(GIT_BRANCH_VARIABLE, raising=False)
+    return tmp_path
+
+
+def test_committed_prefect_yaml_agrees_with_params_yaml() -> None:
+    schedule = load_params(REPO_ROOT / "params.yaml").schedule
+    document = yaml.safe_load((REPO_ROOT / "prefect.yaml").read_text())
+    (deployment,) = document["deployments"]
+    assert (deployment["name"], deployment["work_pool"]["name"]) == (schedule.deployment_name, schedule.work_pool)
+    assert deployment["parameters"]["publish"] is True and deployment["concurrency_limit"]["limit"] == 1
+    assert document["pull"][0]["prefect.deployments.steps.git_clone"]["repository"] == "{{ team.git_url }}"
+
+
+def test_settings_come_from_params_and_the_environment(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(GIT_URL_VARIABLE, "team.git")  # a relative path: workers clone from elsewhere
+    assert team_settings() == {"git_url": str(project / "team.git"), "git_branch": "main", "cron": "30 2 * * 1",
+                               "timezone": "Europe/Paris", "collision_strategy": "CANCEL_NEW"}
+
+
+def test_missing_url_says_which_variable_to_set(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(GIT_URL_VARIABLE, raising=False)
+    with pytest.raises(ValueError, match=f"set {GIT_URL_VARIABLE} to the team's git repository"):
+        team_settings()
+
+
+def test_missing_branch_fails_at_deploy_time(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(GIT_URL_VARIABLE, str(project / "team.git"))
+    monkeypatch.setenv(GIT_BRANCH_VARIABLE, "nightly")
+    with pytest.raises(ValueError, match="cannot clone branch 'nightly'"):
+        team_settings()
+
+
+def test_work_pool_in_prefect_yaml_must_match_params(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(GIT_URL_VARIABLE, str(project / "team.git"))
+    prefect_file = project / "prefect.yaml"
+    prefect_file.write_text(prefect_file.read_text().replace("name: mnist-pool", "name: gpu-pool"))
+    with pytest.raises(ValueError, match="work_pool.name is 'gpu-pool' but params.yaml schedule.work_pool is "
+                                         "'mnist-pool'"):
+        team_settings()
