@@ -41,11 +41,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ARTIFACT = "mnist-mlp"
+from tasks.production import ARTIFACT_NAME, version_of_tag
+
+ARTIFACT = ARTIFACT_NAME
 STAGE = "prod"
 REMOTE = "origin"
 PUSH_ATTEMPTS = 3
-_VERSION_TAG = re.compile(rf"^{re.escape(ARTIFACT)}@v(\d+)\.0\.0$")
 
 
 class TeamError(RuntimeError):
@@ -278,7 +279,7 @@ def _push(repo: Path, branch: str, tags: list[str]) -> bool:
 def registered_versions(repo: Path) -> list[int]:
     """TF Serving versions registered as ``mnist-mlp@vN.0.0`` tags, ascending."""
     names = git(repo, "tag", "--list", f"{ARTIFACT}@v*").splitlines()
-    return sorted(int(match.group(1)) for name in names if (match := _VERSION_TAG.match(name)))
+    return sorted(version for name in names if (version := version_of_tag(name)) is not None)
 
 
 def prod_version(repo: Path) -> int | None:
@@ -288,7 +289,7 @@ def prod_version(repo: Path) -> int | None:
     if not assignments:
         return None
     names = git(repo, "tag", "--points-at", assignments[-1], "--list", f"{ARTIFACT}@v*").splitlines()
-    versions = [int(match.group(1)) for name in names if (match := _VERSION_TAG.match(name))]
+    versions = [version for name in names if (version := version_of_tag(name)) is not None]
     return max(versions, default=None)
 
 

@@ -22,7 +22,7 @@ How each write keeps it:
   directory the registry does not know, saying so.
 
 Version numbers never restart: the next one follows the highest ever seen here, in the
-registry, or in the model registry's git tags (``mnist-mlp@v<N>``).
+registry, or in the model registry's git tags (``mnist-mlp@v<N>.0.0``).
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ from tasks.mnist import write_bytes_atomic
 
 ARTIFACT_NAME = "mnist-mlp"  # the model's name in DVC's model registry (dvc.yaml `artifacts:`)
 _STAGING = re.compile(r"^\.publishing-v(\d+)-")
+_VERSION_TAG = re.compile(rf"^{re.escape(ARTIFACT_NAME)}@v(\d+)\.0\.0$")
 _SET_ASIDE = re.compile(r"^\.(?:publishing-v|quarantine-)(\d+)-")  # numbers never to reuse
 # What a complete SavedModel directory holds (TF writes the variables index last).
 _REQUIRED_FILES = ("saved_model.pb", "variables/variables.index")
@@ -90,15 +91,25 @@ def recorded_versions(history: list[dict]) -> set[int]:
     return {entry["version"] for entry in history if isinstance(entry.get("version"), int)}
 
 
+def version_tag(version: int) -> str:
+    """Version N's git tag in DVC's model registry (GTO accepts only semantic versions: ``@vN.0.0``)."""
+    return f"{ARTIFACT_NAME}@v{version}.0.0"
+
+
+def version_of_tag(name: str) -> int | None:
+    """N for the tag ``mnist-mlp@vN.0.0``; None for any other tag."""
+    match = _VERSION_TAG.match(name)
+    return int(match.group(1)) if match else None
+
+
 def tagged_versions(repository: Path) -> set[int]:
-    """Versions registered as git tags ``mnist-mlp@v<N>`` (GTO's format) in ``repository``, if it is one."""
+    """Versions registered as git tags in ``repository`` (none if it is not a git repository)."""
     try:
         result = subprocess.run(["git", "tag", "--list", f"{ARTIFACT_NAME}@v*"], cwd=repository,
                                 capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired):
         return set()
-    pattern = re.compile(rf"^{re.escape(ARTIFACT_NAME)}@v(\d+)$")
-    return {int(match.group(1)) for line in result.stdout.split() if (match := pattern.match(line))}
+    return {version for name in result.stdout.split() if (version := version_of_tag(name)) is not None}
 
 
 def next_version(production: Path, history: list[dict]) -> int:
