@@ -30,8 +30,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from flows.pipeline import tool_environment  # noqa: E402
 from flows.server import start_server  # noqa: E402
+from tasks.environment import child_environment  # noqa: E402
 
 
 def timed(command: list[str], repo: Path, environment: dict[str, str]) -> float:
@@ -62,7 +62,7 @@ def main() -> None:
     args = parser.parse_args()
     scratch = Path(tempfile.mkdtemp(prefix="flow-overhead-"))
     repo = synthetic_project(scratch) if args.synthetic else args.repo.resolve()
-    base = {k: v for k, v in tool_environment().items() if not k.startswith("PREFECT_API")}
+    base = {k: v for k, v in child_environment().items() if not k.startswith("PREFECT_API")}
     dvc_repro = [sys.executable, "-m", "dvc", "repro"]
     flow = [sys.executable, "-m", "flows.pipeline", "--repo", str(repo)]
     print(f"repository: {repo}\nwarming up: dvc repro (everything must be cached) ...", flush=True)

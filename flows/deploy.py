@@ -42,6 +42,7 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from flows.pipeline import pipeline
 from flows.server import start_server
+from tasks.environment import child_environment
 from tasks.params import ScheduleParams, load_params
 
 ENTRYPOINT = "flows/pipeline.py:pipeline"
@@ -93,7 +94,7 @@ def team_settings(params_file: str = "params.yaml", prefect_file: str = "prefect
     _check_prefect_file(Path(prefect_file), schedule)
     url, branch = _git_url(), os.environ.get(GIT_BRANCH_VARIABLE, "").strip() or "main"
     found = subprocess.run(["git", "ls-remote", "--heads", url, f"refs/heads/{branch}"], capture_output=True,
-                           text=True, env={**os.environ, "GIT_TERMINAL_PROMPT": "0"})
+                           text=True, env=child_environment())
     if found.returncode != 0 or not found.stdout.strip():
         detail = found.stderr.strip().splitlines()[-1:] if found.returncode else "no such branch"
         raise ValueError(f"{GIT_URL_VARIABLE}={url}: cannot clone branch {branch!r} ({detail})")

@@ -40,6 +40,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.states import Completed, State
 
 from flows import team
+from tasks.environment import child_environment
 from tasks.params import Params, load_params
 
 STAGES = ("download", "train", "evaluate", "promote")
@@ -56,15 +57,9 @@ class StageOutcome:
     seconds: float
 
 
-def tool_environment() -> dict[str, str]:
-    """Stage commands say `python`; make it this interpreter, unbuffered so logs stream live."""
-    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    return {**os.environ, "PATH": path, "PYTHONUNBUFFERED": "1"}
-
-
 def run_command(command: list[str], repo: Path, timeout: float, log: object) -> list[str]:
     """Run ``command`` in ``repo``, logging each output line as it comes; kill it after ``timeout``."""
-    process = subprocess.Popen(command, cwd=repo, env=tool_environment(), stdout=subprocess.PIPE,
+    process = subprocess.Popen(command, cwd=repo, env=child_environment(), stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True)
     timed_out = threading.Event()
 

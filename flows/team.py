@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import re
 import socket
 import subprocess
@@ -41,6 +40,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tasks.environment import child_environment
 from tasks.production import ARTIFACT_NAME, version_of_tag
 
 ARTIFACT = ARTIFACT_NAME
@@ -72,14 +72,8 @@ def gto_version(version: int) -> str:
     return f"v{version}.0.0"
 
 
-def _environment() -> dict[str, str]:
-    """`python` and `dvc` are this interpreter's; git never waits for a password prompt."""
-    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    return {**os.environ, "PATH": path, "GIT_TERMINAL_PROMPT": "0"}
-
-
 def _git(repo: Path, arguments: tuple[str, ...]) -> subprocess.CompletedProcess:
-    return subprocess.run(["git", *arguments], cwd=repo, capture_output=True, text=True, env=_environment())
+    return subprocess.run(["git", *arguments], cwd=repo, capture_output=True, text=True, env=child_environment())
 
 
 def git(repo: Path, *arguments: str, check: bool = True) -> str:
@@ -96,7 +90,7 @@ def git_succeeds(repo: Path, *arguments: str) -> bool:
 
 def dvc(repo: Path, *arguments: str, timeout: float = 3600) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "dvc", *arguments], cwd=repo, capture_output=True, text=True,
-                          env=_environment(), timeout=timeout)
+                          env=child_environment(), timeout=timeout)
 
 
 @contextlib.contextmanager

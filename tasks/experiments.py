@@ -36,6 +36,7 @@ from pathlib import Path
 import yaml
 
 from tasks.comparison import Outcome, Row, accuracy_figure, markdown_table
+from tasks.environment import child_environment
 from tasks.mnist import write_bytes_atomic
 
 # The seed's ablations, each a set of `-S` overrides of params.yaml.
@@ -56,8 +57,7 @@ DIVERGED = re.compile(r"training diverged: the loss (?:became \S+|reached .+?) a
 
 
 def dvc(*arguments: str, capture: bool = False) -> str:
-    environment = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    result = subprocess.run([sys.executable, "-m", "dvc", *arguments], env=environment, text=True,
+    result = subprocess.run([sys.executable, "-m", "dvc", *arguments], env=child_environment(), text=True,
                             capture_output=capture)
     if result.returncode != 0:
         detail = (result.stderr or "").strip().splitlines()[-1:] if capture else []

@@ -14,7 +14,6 @@ from prefect import flow  # noqa: F401  isort: skip  (loads prefect.flows, which
 
 import copy
 import hashlib
-import os
 import shutil
 import subprocess
 import sys
@@ -26,6 +25,7 @@ import pytest
 import yaml
 
 from tasks import mnist
+from tasks.environment import child_environment
 from tasks.params import IDX_FILE_NAMES, Params, parse_params
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -102,10 +102,9 @@ def params(synthetic_source: Path) -> Params:
 
 
 def tool_environment() -> dict[str, str]:
-    """Environment in which `python` and `dvc` are this interpreter's, as in `make run`."""
-    environment = dict(os.environ)
-    environment["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{environment.get('PATH', '')}"
-    environment["PYTHONPATH"] = ""
+    """The project's child environment (`python` and `dvc` are this interpreter's, as in `make run`),
+    without pytest's own variables."""
+    environment = child_environment(PYTHONPATH="")
     environment.pop("PYTEST_CURRENT_TEST", None)
     return environment
 
