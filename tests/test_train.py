@@ -28,7 +28,7 @@ from tasks.train import (
 )
 from tasks.trainer import Trainer
 
-from .conftest import dvc, make_params_document, make_project, tool_environment, write_synthetic
+from .conftest import dvc, make_params_document, make_project, run_command, tool_environment, write_synthetic
 from .test_checkpoints import DAMAGES
 
 
@@ -383,3 +383,38 @@ def test_failed_train_under_dvc_says_how_to_get_the_candidate_back(tmp_path: Pat
     assert "`dvc checkout models/candidate` brings back the previous version" in failed.stderr + failed.stdout
     dvc(project, "checkout", "models/candidate")
     assert _tree(project / "models" / "candidate") == candidate
+
+
+def _running_experiments(project: Path) -> list[dict]:
+    """The experiments `dvc exp show --json` reports as running, with their data."""
+    shown = json.loads(dvc(project, "exp", "show", "--json").stdout)
+    return [revision for baseline in shown for experiment in baseline.get("experiments") or []
+            if experiment.get("executor", {}).get("state") == "running" for revision in experiment["revs"]]
+
+
+@pytest.mark.slow
+def test_dvc_exp_show_sees_the_metrics_of_a_running_experiment(tmp_path: Path, synthetic_source: Path) -> None:
+    """While `dvc exp run` trains, `dvc exp show` lists it as running with the metrics DVCLive
+    wrote so far; DVCLive itself neither writes a dvc.yaml nor stages anything in git."""
+    document = make_params_document(synthetic_source)
+    document["train"].update(steps=40000, steps_per_call=10, eval_every=500, checkpoint_every=10000)
+    project = make_project(tmp_path / "project", document)
+    command = [sys.executable, "-m", "dvc", "exp", "run", "train"]
+    running = subprocess.Popen(command, cwd=project, env=tool_environment(), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    assert running.stdout is not None
+    for line in running.stdout:  # wait for the second curve point: metrics.json is being rewritten
+        if line.startswith("train: step    1000/40000"):
+            break
+    experiments = _running_experiments(project)
+    rest = running.stdout.read()
+    assert running.wait() == 0, rest
+    assert len(experiments) == 1
+    live = experiments[0]["data"]["metrics"]["reports/train/metrics.json"]["data"]
+    assert 1000 <= live["step"] < 40000 and set(CURVE_COLUMNS[1:]) <= set(live)
+    assert "steps_per_second" not in live  # the summary comes at the end: this is a run in progress
+    final = json.loads((project / "reports" / "train" / "metrics.json").read_text())
+    assert final["step"] == final["steps"] == 40000
+    assert run_command(["git", "status", "--porcelain", "--", "dvc.yaml"], project).stdout == ""
+    assert run_command(["git", "diff", "--cached", "--name-only"], project).stdout == ""
+    assert not list((project / "reports").rglob("dvc.yaml"))
