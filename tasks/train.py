@@ -164,12 +164,12 @@ def _progress(step: int, total: int, started: float, first_step: int, row: tuple
           f" | loss {row[1]:.4f} | lr {row[2]:.4g} | validation raw {row[3]:.4f} ema {row[4]:.4f}", flush=True)
 
 
-def _curve_point(step: int, loss: float, learning_rate: float, raw: float, averaged: float) -> tuple[float, ...]:
+def curve_point(step: int, loss: float, learning_rate: float, raw: float, averaged: float) -> tuple[float, ...]:
     """One row of the training curve, rounded as logged, so a resumed run replays exactly what was logged."""
     return (step, round(loss, 6), float(f"{learning_rate:.6g}"), round(raw, 6), round(averaged, 6))
 
 
-def _log_point(live, point: tuple[float, ...]) -> None:
+def log_point(live, point: tuple[float, ...]) -> None:
     live.step = int(point[0])  # DVCLive's step is the training step
     for name, value in zip(CURVE_COLUMNS[1:], point[1:]):
         live.log_metric(name, value)
@@ -190,8 +190,8 @@ def run_training(trainer, order: BatchOrder, train: TrainParams, validation: mni
         if step % train.eval_every == 0 or step == train.steps:
             raw, averaged = trainer.accuracy(validation.images, validation.labels)
             loss = float(losses.mean()) + trainer.penalty()  # the penalty moves slowly: taken once, here
-            curve.append(_curve_point(step, loss, learning_rate_at(step - 1, train, decay_steps), raw, averaged))
-            _log_point(live, curve[-1])
+            curve.append(curve_point(step, loss, learning_rate_at(step - 1, train, decay_steps), raw, averaged))
+            log_point(live, curve[-1])
             live.next_step()  # writes metrics.json: `dvc exp show` and the VS Code extension see it now
             _progress(step, train.steps, started, first_step, curve[-1])
         if step % train.checkpoint_every == 0 or step == train.steps:
@@ -199,7 +199,7 @@ def run_training(trainer, order: BatchOrder, train: TrainParams, validation: mni
     return seconds_before + time.perf_counter() - started
 
 
-def _open_live(reports_dir: Path, curve: list[tuple[float, ...]]):
+def open_live(reports_dir: Path, curve: list[tuple[float, ...]]):
     """A DVCLive logger writing to ``reports_dir``, holding ``curve`` (the points before a resume).
 
     Not DVCLive's ``resume``: `dvc repro` and `dvc exp run` delete the stage's outputs before
@@ -210,7 +210,7 @@ def _open_live(reports_dir: Path, curve: list[tuple[float, ...]]):
 
     live = Live(dir=str(reports_dir), report=None, save_dvc_exp=False, dvcyaml=None)
     for point in curve:
-        _log_point(live, point)
+        log_point(live, point)
     live.make_summary()
     return live
 
@@ -263,7 +263,7 @@ def train_model(model: ModelParams, train: TrainParams, validation_size: int, da
     curve, seconds_before = _restore(trainer, checkpoints, train)
     first_step = trainer.current_step()
     order = BatchOrder(len(training.labels), train.batch_size, train.seed)
-    with _open_live(Path(reports_dir), curve) as live:
+    with open_live(Path(reports_dir), curve) as live:
         seconds = run_training(trainer, order, train, validation, decay_steps, checkpoints, live, curve,
                                seconds_before)
         raw, averaged = trainer.accuracy(validation.images, validation.labels)
