@@ -29,6 +29,8 @@ from google.protobuf.message import DecodeError
 CURVE_WIDTH = 5  # step, loss, learning rate, validation accuracy raw and EMA
 _PREFIX = "ckpt"
 _FILE = re.compile(rf"{_PREFIX}-(\d+)\.(?:index|data-\d{{5}}-of-\d{{5}})")
+_RUN_DIRECTORY = re.compile(r"[0-9a-f]{16}")  # tasks.train.run_fingerprint
+_OLDER_FORMAT = re.compile(rf"{_PREFIX}-\d+\.npz")  # what the code before this module wrote into the root
 # What reading a damaged checkpoint raises (tests/test_checkpoints.py flips thousands of bits of
 # one): TensorFlow's OpError family (checksum, format, missing file), IndexError (a short read of
 # the object graph), ValueError/AssertionError (shapes or objects that do not match), DecodeError.
@@ -128,6 +130,10 @@ class Checkpoints:
         self.directory = (self.root / fingerprint).resolve()
         self._manager: tf.train.CheckpointManager | None = None
 
+    def path(self, step: int) -> Path:
+        """Where the checkpoint of ``step`` is, as the user wrote the root: for messages."""
+        return self.root / self.fingerprint / checkpoint_name(step)
+
     def find(self, max_step: int, template: dict[str, np.ndarray]) -> tuple[Snapshot | None, list[str]]:
         """The newest sound checkpoint of this run at or before ``max_step``, and a note on each one
         passed over. Damaged ones are deleted, and so, when none is left to resume from, are the
@@ -150,16 +156,18 @@ class Checkpoints:
         return found, notes
 
     def _other_runs(self, delete: bool) -> list[str]:
-        """A note on each directory of other params or data, and on files of older versions of this
-        code (one ``ckpt-<step>.npz`` per checkpoint), deleted if asked."""
+        """A note on each directory of other params or data and on each checkpoint file of the older
+        format beside them, deleted if asked. Anything else there is left alone."""
         notes = []
-        for other in sorted(path for path in self.root.iterdir() if path.resolve() != self.directory):
-            if other.is_dir():
+        for other in sorted(self.root.iterdir()):
+            if other.is_dir() and _RUN_DIRECTORY.fullmatch(other.name) and other.resolve() != self.directory:
                 notes.append(f"ignoring the checkpoints in {other}: params or data changed since they were written")
-            else:
+                if delete:
+                    shutil.rmtree(other)
+            elif other.is_file() and _OLDER_FORMAT.fullmatch(other.name):
                 notes.append(f"ignoring {other}: not a checkpoint of this version of the code")
-            if delete:
-                shutil.rmtree(other) if other.is_dir() else other.unlink()
+                if delete:
+                    other.unlink()
         return notes
 
     def _record(self) -> None:

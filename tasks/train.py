@@ -38,11 +38,17 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from tasks import mnist
 from tasks.params import ModelParams, Params, TrainParams, run_stage
+
+if TYPE_CHECKING:  # both load TensorFlow or DVC: imported when training actually runs
+    from dvclive import Live
+
+    from tasks.checkpoints import Checkpoints
 
 PARAMS_SECTIONS = ("model", "train", "data.validation_size", "data.sha256")
 CURVE_COLUMNS = ("step", "loss", "learning_rate", "validation_accuracy_raw", "validation_accuracy")
@@ -169,14 +175,14 @@ def curve_point(step: int, loss: float, learning_rate: float, raw: float, averag
     return (step, round(loss, 6), float(f"{learning_rate:.6g}"), round(raw, 6), round(averaged, 6))
 
 
-def log_point(live, point: tuple[float, ...]) -> None:
+def log_point(live: Live, point: tuple[float, ...]) -> None:
     live.step = int(point[0])  # DVCLive's step is the training step
     for name, value in zip(CURVE_COLUMNS[1:], point[1:]):
         live.log_metric(name, value)
 
 
 def run_training(trainer, order: BatchOrder, train: TrainParams, validation: mnist.Split, decay_steps: int,
-                 checkpoints, live, curve: list[tuple[float, ...]], seconds_before: float) -> float:
+                 checkpoints: Checkpoints, live: Live, curve: list[tuple[float, ...]], seconds_before: float) -> float:
     """Train from the trainer's current step to ``train.steps``, logging each curve point to
     ``live`` (DVCLive) and saving to ``checkpoints``, both only between graph calls; return the
     training seconds of the whole run (this session plus ``seconds_before``)."""
@@ -199,7 +205,7 @@ def run_training(trainer, order: BatchOrder, train: TrainParams, validation: mni
     return seconds_before + time.perf_counter() - started
 
 
-def open_live(reports_dir: Path, curve: list[tuple[float, ...]]):
+def open_live(reports_dir: Path, curve: list[tuple[float, ...]]) -> Live:
     """A DVCLive logger writing to ``reports_dir``, holding ``curve`` (the points before a resume).
 
     Not DVCLive's ``resume``: `dvc repro` and `dvc exp run` delete the stage's outputs before
@@ -226,12 +232,10 @@ def _export_atomically(trainer, candidate_dir: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _restore(trainer, checkpoints, train: TrainParams) -> tuple[list, float]:
+def _restore(trainer, checkpoints: Checkpoints, train: TrainParams) -> tuple[list, float]:
     """Load the newest sound checkpoint of this run into ``trainer``; return (curve so far,
     seconds so far). Checkpoints that are damaged or of other params or data are passed over
     with a note (tasks/checkpoints.py)."""
-    from tasks.checkpoints import checkpoint_name
-
     found, notes = checkpoints.find(train.steps, trainer.state())
     for note in notes:
         print(f"train: {note}", flush=True)
@@ -240,8 +244,7 @@ def _restore(trainer, checkpoints, train: TrainParams) -> tuple[list, float]:
               "train: no checkpoint; starting from step 0", flush=True)
         return [], 0.0
     trainer.restore(found.step, found.state)
-    print(f"train: resuming from {checkpoints.root / checkpoints.fingerprint / checkpoint_name(found.step)} "
-          f"(step {found.step} of {train.steps})", flush=True)
+    print(f"train: resuming from {checkpoints.path(found.step)} (step {found.step} of {train.steps})", flush=True)
     return found.curve, found.seconds
 
 

@@ -225,12 +225,13 @@ def test_other_runs_are_deleted_only_when_starting_fresh(saved, tmp_path: Path) 
     shutil.copytree(prefix.parent.parent, tmp_path / "checkpoints")
     found, notes = Checkpoints(tmp_path / "checkpoints", FINGERPRINT, keep=3).find(1000, template)
     assert found is not None and found.step == 40 and notes == []
+    (tmp_path / "checkpoints" / "notes.txt").write_text("not ours")
     other = Checkpoints(tmp_path / "checkpoints", "f" * 16, keep=3)
     found, notes = other.find(1000, template)
     assert found is None
     assert notes == [f"ignoring the checkpoints in {tmp_path / 'checkpoints' / FINGERPRINT}: params or data "
                      f"changed since they were written"]
-    assert [path.name for path in (tmp_path / "checkpoints").iterdir()] == ["f" * 16]
+    assert sorted(path.name for path in (tmp_path / "checkpoints").iterdir()) == ["f" * 16, "notes.txt"]
 
 
 def _outcome(prefix: Path, template: dict[str, np.ndarray], expected: Snapshot) -> str:
