@@ -243,7 +243,7 @@ def _outcome(prefix: Path, template: dict[str, np.ndarray], expected: Snapshot) 
     return "harmless"
 
 
-@pytest.mark.slow  # about 14000 damaged files, about a minute
+@pytest.mark.slow  # about 12000 damaged files, about a minute
 def test_every_bit_flip_and_truncation_is_caught_or_harmless(saved, tmp_path: Path) -> None:
     """Flip each bit of the index and cut it at every length; flip 4000 bits of the data file
     (the first and last 200 bytes, and 800 bits spread over it) and cut it at 400 lengths. A
