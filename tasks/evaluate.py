@@ -66,7 +66,7 @@ def build_metrics(test: Scores, validation: Scores, test_labels: np.ndarray, tra
     }
 
 
-def write_plots(plots_dir: Path, test: mnist.Split, predicted: np.ndarray, curve_csv: Path, shown: int) -> None:
+def write_plots(plots_dir: Path, test: mnist.Split, predicted: np.ndarray, curves_dir: Path, shown: int) -> None:
     rows = ["actual,predicted"] + [f"{a},{p}" for a, p in zip(test.labels, predicted)]
     mnist.write_bytes_atomic(plots_dir / "confusion.csv", ("\n".join(rows) + "\n").encode())
     matrix = np.zeros((10, 10), dtype=np.int64)
@@ -74,7 +74,7 @@ def write_plots(plots_dir: Path, test: mnist.Split, predicted: np.ndarray, curve
     plots.confusion_matrix(matrix, plots_dir / "confusion_matrix.png")
     wrong = np.flatnonzero(predicted != test.labels)[:shown]
     plots.misclassified_grid(test.images[wrong], test.labels[wrong], predicted[wrong], plots_dir / "misclassified.png")
-    plots.learning_curves(curve_csv, plots_dir / "learning_curves.png")
+    plots.learning_curves(curves_dir, plots_dir / "learning_curves.png")
 
 
 def evaluate_candidate(evaluate: EvaluateParams, validation_size: int, data_dir: Path, candidate_dir: Path,
@@ -90,9 +90,10 @@ def evaluate_candidate(evaluate: EvaluateParams, validation_size: int, data_dir:
     test_split = mnist.load_split(data_dir, "test", validation_size)
     test = score(loaded, test_split, evaluate.batch_size)
     validation = score(loaded, mnist.load_split(data_dir, "validation", validation_size), evaluate.batch_size)
-    train_summary = json.loads((Path(train_reports) / "summary.json").read_text())
+    # DVCLive's layout in train's reports: metrics.json (summary) and plots/metrics/<name>.tsv (curves)
+    train_summary = json.loads((Path(train_reports) / "metrics.json").read_text())
     metrics = build_metrics(test, validation, test_split.labels, train_summary)
-    write_plots(Path(plots_dir), test_split, test.predicted, Path(train_reports) / "curve.csv",
+    write_plots(Path(plots_dir), test_split, test.predicted, Path(train_reports) / "plots" / "metrics",
                 evaluate.misclassified_shown)
     mnist.write_bytes_atomic(Path(metrics_path), (json.dumps(metrics, indent=2) + "\n").encode())
     print(f"evaluate: test accuracy {test.accuracy:.4f} (EMA) {test.accuracy_raw:.4f} (raw), "

@@ -27,18 +27,23 @@ def _save(figure: plt.Figure, path: Path) -> None:
     write_bytes_atomic(path, buffer.getvalue())
 
 
-def learning_curves(curve_csv: Path, path: Path) -> None:
-    with open(curve_csv, newline="") as stream:
-        rows = list(csv.DictReader(stream))
-    steps = [int(row["step"]) for row in rows]
+def _curve(curves_dir: Path, name: str) -> tuple[list[int], list[float]]:
+    """Steps and values of one curve, from DVCLive's ``<name>.tsv`` (columns ``step``, ``<name>``)."""
+    with open(curves_dir / f"{name}.tsv", newline="") as stream:
+        rows = list(csv.DictReader(stream, delimiter="\t"))
+    return [int(row["step"]) for row in rows], [float(row[name]) for row in rows]
+
+
+def learning_curves(curves_dir: Path, path: Path) -> None:
+    """From the training curves train logs through DVCLive (``reports/train/plots/metrics/``)."""
     figure, (loss_axis, accuracy_axis, rate_axis) = plt.subplots(1, 3, figsize=(15, 4))
-    loss_axis.plot(steps, [float(row["loss"]) for row in rows])
+    loss_axis.plot(*_curve(curves_dir, "loss"))
     loss_axis.set(title="training loss (cross-entropy + L2)", xlabel="step", yscale="log")
-    for column, label in (("validation_accuracy", "moving average"), ("validation_accuracy_raw", "raw weights")):
-        accuracy_axis.plot(steps, [float(row[column]) for row in rows], label=label)
+    for name, label in (("validation_accuracy", "moving average"), ("validation_accuracy_raw", "raw weights")):
+        accuracy_axis.plot(*_curve(curves_dir, name), label=label)
     accuracy_axis.set(title="validation accuracy", xlabel="step")
     accuracy_axis.legend()
-    rate_axis.plot(steps, [float(row["learning_rate"]) for row in rows])
+    rate_axis.plot(*_curve(curves_dir, "learning_rate"))
     rate_axis.set(title="learning rate", xlabel="step")
     _save(figure, path)
 

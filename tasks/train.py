@@ -13,12 +13,16 @@ the same weights as an uninterrupted one.
 
 Safety: the data is checked against ``data.sha256`` before use; a batch loss that is NaN,
 infinite or above ``train.max_loss`` stops the run (``TrainingDiverged``) without touching the
-candidate; each checkpoint carries a SHA-256 of its contents, and a damaged one is passed over
-with a note in favour of the previous one.
+candidate; a damaged checkpoint is passed over with a note in favour of the previous one
+(tasks/checkpoints.py: TensorFlow checkpoints, CRC32C-checked).
 
-Outputs: ``models/candidate/`` (SavedModel, EMA weights serve), ``reports/train/curve.csv``
-(DVC plots) and ``reports/train/summary.json``. Checkpoints go to ``checkpoints/``, which DVC
-does not manage, so they survive the stage being re-run.
+Outputs: ``models/candidate/`` (SavedModel, EMA weights serve) and, through DVCLive, in
+``reports/train/``: ``plots/metrics/<name>.tsv`` (the training curves, one file per metric of
+``CURVE_COLUMNS``; DVC plots) and ``metrics.json`` (the last curve point, rewritten at each one,
+so `dvc exp show` shows a running experiment; at the end also ``SUMMARY_KEYS``: the speed and
+resume facts evaluate reads). Checkpoints go to ``checkpoints/<fingerprint>/`` (tasks/checkpoints.py),
+which DVC does not manage, so they survive the stage being re-run. Checkpoints and logging happen
+only between graph calls.
 
     python -m tasks.train [--params params.yaml]
 """
@@ -26,25 +30,29 @@ does not manage, so they survive the stage being re-run.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import shutil
 import sys
 import tempfile
 import time
-import zipfile
-import zlib
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from tasks import mnist
 from tasks.params import ModelParams, Params, TrainParams, run_stage
 
+if TYPE_CHECKING:  # both load TensorFlow or DVC: imported when training actually runs
+    from dvclive import Live
+
+    from tasks.checkpoints import Checkpoints
+
 PARAMS_SECTIONS = ("model", "train", "data.validation_size", "data.sha256")
 CURVE_COLUMNS = ("step", "loss", "learning_rate", "validation_accuracy_raw", "validation_accuracy")
+SUMMARY_KEYS = ("steps", "resumed_from_step", "seconds", "steps_per_second")
 # Fields that change how long or how often we look, not what is computed at each step.
 _NOT_IN_FINGERPRINT = {"steps", "eval_every", "checkpoint_every", "keep_checkpoints", "steps_per_call", "max_loss"}
 
@@ -128,114 +136,6 @@ def _build_trainer(model: ModelParams, train: TrainParams, images: np.ndarray, l
     return Trainer(model, train, images, labels, decay_steps)
 
 
-# --- checkpoints -------------------------------------------------------------------------
-
-
-def _checkpoint_path(directory: Path, step: int) -> Path:
-    return directory / f"ckpt-{step:09d}.npz"
-
-
-@dataclass(frozen=True)
-class Checkpoint:
-    """``seconds``: training time up to ``step``, over every session, so a resumed run reports
-    the speed of the whole run."""
-
-    step: int
-    fingerprint: str
-    state: dict[str, np.ndarray]
-    curve: list[tuple[float, ...]]
-    seconds: float
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file is damaged or does not fit this run; training falls back to an older one."""
-
-
-_META_KEYS = ("step", "fingerprint", "seconds", "curve", "digest")
-# What numpy and zipfile raise on damaged .npz files (tests/test_train.py flips thousands of bits
-# of one); RuntimeError is zipfile's "encrypted" flag, set by a flipped bit.
-_UNREADABLE = (OSError, EOFError, ValueError, KeyError, NotImplementedError, RuntimeError, zipfile.BadZipFile,
-               zlib.error)
-
-
-def _digest(step: int, fingerprint: str, seconds: float, curve: np.ndarray, state: dict[str, np.ndarray]) -> str:
-    """SHA-256 over everything a checkpoint holds: any damaged byte of content shows here."""
-    digest = hashlib.sha256(f"{step}|{fingerprint}|{seconds!r}".encode())
-    for name, array in [("curve", curve), *sorted(state.items())]:
-        array = np.ascontiguousarray(array)
-        digest.update(f"|{name}|{array.dtype.str}|{array.shape}|".encode())
-        digest.update(array.tobytes())
-    return digest.hexdigest()
-
-
-def save_checkpoint(directory: Path, checkpoint: Checkpoint, keep: int) -> None:
-    """Write atomically, then keep only the newest ``keep`` checkpoints."""
-    curve = np.asarray(checkpoint.curve, dtype=np.float64).reshape(-1, len(CURVE_COLUMNS))
-    digest = _digest(checkpoint.step, checkpoint.fingerprint, checkpoint.seconds, curve, checkpoint.state)
-    buffer = io.BytesIO()
-    np.savez(buffer, step=np.int64(checkpoint.step), fingerprint=np.str_(checkpoint.fingerprint),
-             seconds=np.float64(checkpoint.seconds), curve=curve, digest=np.str_(digest), **checkpoint.state)
-    mnist.write_bytes_atomic(_checkpoint_path(directory, checkpoint.step), buffer.getvalue())
-    for old in sorted(directory.glob("ckpt-*.npz"))[:-keep]:
-        old.unlink(missing_ok=True)
-
-
-def load_checkpoint(path: Path) -> Checkpoint:
-    """The checkpoint in ``path``, whole and verified against its digest, or CheckpointError."""
-    try:
-        with np.load(path, allow_pickle=False) as stored:
-            contents = {key: stored[key] for key in stored.files}
-    except _UNREADABLE as error:
-        raise CheckpointError(f"unreadable ({type(error).__name__}: {str(error)[:80]})") from None
-    if "digest" not in contents:
-        raise CheckpointError("written by an older version of this code, without a digest")
-    expected_ndim = {key: 2 if key == "curve" else 0 for key in _META_KEYS}  # the curve is a table, the rest scalars
-    missing = [key for key in _META_KEYS if key not in contents or contents[key].ndim != expected_ndim[key]]
-    if missing:
-        raise CheckpointError(f"{', '.join(missing)} missing or malformed")
-    try:
-        step, fingerprint = int(contents.pop("step")), str(contents.pop("fingerprint"))
-        seconds, curve = float(contents.pop("seconds")), contents.pop("curve")
-    except (TypeError, ValueError) as error:
-        raise CheckpointError(f"malformed ({error})") from None
-    if str(contents.pop("digest")) != _digest(step, fingerprint, seconds, curve, contents):
-        raise CheckpointError("its contents do not match its digest (damaged)")
-    return Checkpoint(step, fingerprint, contents, [tuple(row) for row in curve.tolist()], seconds)
-
-
-def _check_fits(checkpoint: Checkpoint, template: dict[str, np.ndarray]) -> None:
-    """The arrays are those of this network, the numbers make sense: or CheckpointError."""
-    layout = {name: (array.dtype, array.shape) for name, array in checkpoint.state.items()}
-    if layout != {name: (array.dtype, array.shape) for name, array in template.items()}:
-        raise CheckpointError("its arrays do not match this network's variables")
-    if checkpoint.step < 1 or (checkpoint.curve and checkpoint.curve[-1][0] > checkpoint.step):
-        raise CheckpointError(f"step {checkpoint.step} does not fit its training curve")
-    if not (np.isfinite(checkpoint.seconds) and checkpoint.seconds >= 0):
-        raise CheckpointError(f"training time {checkpoint.seconds} is not a duration")
-    if not all(np.isfinite(array).all() for array in checkpoint.state.values()):
-        raise CheckpointError("it holds non-finite weights")
-
-
-def find_checkpoint(directory: Path, fingerprint: str, max_step: int,
-                    template: dict[str, np.ndarray]) -> tuple[Checkpoint | None, dict[Path, str]]:
-    """The newest sound checkpoint of this run at or before ``max_step``, and a note on each
-    one passed over because it is damaged or of other params or data."""
-    notes = {}
-    for path in sorted(directory.glob("ckpt-*.npz"), reverse=True):
-        try:
-            checkpoint = load_checkpoint(path)
-            if checkpoint.fingerprint != fingerprint:
-                notes[path] = f"ignoring {path.name}: params or data changed since it was written"
-                continue
-            _check_fits(checkpoint, template)
-        except CheckpointError as error:
-            notes[path] = f"ignoring checkpoint {path.name}: {error}"
-            continue
-        if checkpoint.step <= max_step:
-            return checkpoint, notes
-    return None, notes
-
-
 # --- the loop ------------------------------------------------------------------------------
 
 
@@ -270,11 +170,22 @@ def _progress(step: int, total: int, started: float, first_step: int, row: tuple
           f" | loss {row[1]:.4f} | lr {row[2]:.4g} | validation raw {row[3]:.4f} ema {row[4]:.4f}", flush=True)
 
 
+def curve_point(step: int, loss: float, learning_rate: float, raw: float, averaged: float) -> tuple[float, ...]:
+    """One row of the training curve, rounded as logged, so a resumed run replays exactly what was logged."""
+    return (step, round(loss, 6), float(f"{learning_rate:.6g}"), round(raw, 6), round(averaged, 6))
+
+
+def log_point(live: Live, point: tuple[float, ...]) -> None:
+    live.step = int(point[0])  # DVCLive's step is the training step
+    for name, value in zip(CURVE_COLUMNS[1:], point[1:]):
+        live.log_metric(name, value)
+
+
 def run_training(trainer, order: BatchOrder, train: TrainParams, validation: mnist.Split, decay_steps: int,
-                 checkpoints: Path, fingerprint: str, curve: list[tuple[float, ...]],
-                 seconds_before: float) -> float:
-    """Train from the trainer's current step to ``train.steps``; return the training seconds of
-    the whole run (this session plus ``seconds_before``)."""
+                 checkpoints: Checkpoints, live: Live, curve: list[tuple[float, ...]], seconds_before: float) -> float:
+    """Train from the trainer's current step to ``train.steps``, logging each curve point to
+    ``live`` (DVCLive) and saving to ``checkpoints``, both only between graph calls; return the
+    training seconds of the whole run (this session plus ``seconds_before``)."""
     step = first_step = trainer.current_step()
     started = time.perf_counter()
     while step < train.steps:
@@ -285,19 +196,29 @@ def run_training(trainer, order: BatchOrder, train: TrainParams, validation: mni
         if step % train.eval_every == 0 or step == train.steps:
             raw, averaged = trainer.accuracy(validation.images, validation.labels)
             loss = float(losses.mean()) + trainer.penalty()  # the penalty moves slowly: taken once, here
-            curve.append((step, loss, learning_rate_at(step - 1, train, decay_steps), raw, averaged))
+            curve.append(curve_point(step, loss, learning_rate_at(step - 1, train, decay_steps), raw, averaged))
+            log_point(live, curve[-1])
+            live.next_step()  # writes metrics.json: `dvc exp show` and the VS Code extension see it now
             _progress(step, train.steps, started, first_step, curve[-1])
         if step % train.checkpoint_every == 0 or step == train.steps:
-            seconds = seconds_before + time.perf_counter() - started
-            save_checkpoint(checkpoints, Checkpoint(step, fingerprint, trainer.state(), curve, seconds),
-                            train.keep_checkpoints)
+            checkpoints.save(trainer, curve, seconds_before + time.perf_counter() - started)
     return seconds_before + time.perf_counter() - started
 
 
-def _write_reports(reports_dir: Path, curve: list[tuple[float, ...]], summary: TrainSummary) -> None:
-    lines = [",".join(CURVE_COLUMNS)] + [f"{int(r[0])},{r[1]:.6f},{r[2]:.6g},{r[3]:.6f},{r[4]:.6f}" for r in curve]
-    mnist.write_bytes_atomic(reports_dir / "curve.csv", ("\n".join(lines) + "\n").encode())
-    mnist.write_bytes_atomic(reports_dir / "summary.json", (json.dumps(asdict(summary), indent=2) + "\n").encode())
+def open_live(reports_dir: Path, curve: list[tuple[float, ...]]) -> Live:
+    """A DVCLive logger writing to ``reports_dir``, holding ``curve`` (the points before a resume).
+
+    Not DVCLive's ``resume``: `dvc repro` and `dvc exp run` delete the stage's outputs before
+    re-running it, and after a kill DVCLive's files hold points past the checkpoint that the
+    resumed run logs again; the checkpoint's curve is exactly the curve of its weights. DVCLive
+    writes no dvc.yaml (ours declares its files) and saves no experiment (`dvc exp run` does)."""
+    from dvclive import Live  # loads DVC: only when training actually runs
+
+    live = Live(dir=str(reports_dir), report=None, save_dvc_exp=False, dvcyaml=None)
+    for point in curve:
+        log_point(live, point)
+    live.make_summary()
+    return live
 
 
 def _export_atomically(trainer, candidate_dir: Path) -> None:
@@ -311,51 +232,50 @@ def _export_atomically(trainer, candidate_dir: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _restore(trainer, checkpoints: Path, fingerprint: str, train: TrainParams) -> tuple[list, float]:
+def _restore(trainer, checkpoints: Checkpoints, train: TrainParams) -> tuple[list, float]:
     """Load the newest sound checkpoint of this run into ``trainer``; return (curve so far,
     seconds so far). Checkpoints that are damaged or of other params or data are passed over
-    with a note; when none is left to resume from, those are deleted and training starts fresh."""
-    checkpoints.mkdir(parents=True, exist_ok=True)
-    found, notes = find_checkpoint(checkpoints, fingerprint, train.steps, trainer.state())
-    for note in notes.values():
+    with a note (tasks/checkpoints.py)."""
+    found, notes = checkpoints.find(train.steps, trainer.state())
+    for note in notes:
         print(f"train: {note}", flush=True)
     if found is None:
-        if notes:
-            print("train: no usable checkpoint of these params and data; starting fresh", flush=True)
-            for passed_over in notes:  # they would only crowd out the new run's checkpoints
-                passed_over.unlink(missing_ok=True)
-        else:
-            print("train: no checkpoint; starting from step 0", flush=True)
+        print("train: no usable checkpoint of these params and data; starting fresh" if notes else
+              "train: no checkpoint; starting from step 0", flush=True)
         return [], 0.0
     trainer.restore(found.step, found.state)
-    print(f"train: resuming from {_checkpoint_path(checkpoints, found.step)} (step {found.step} of {train.steps})",
-          flush=True)
+    print(f"train: resuming from {checkpoints.path(found.step)} (step {found.step} of {train.steps})", flush=True)
     return found.curve, found.seconds
 
 
 def train_model(model: ModelParams, train: TrainParams, validation_size: int, data_dir: Path,
-                candidate_dir: Path, reports_dir: Path, checkpoints: Path, *,
+                candidate_dir: Path, reports_dir: Path, checkpoints_dir: Path, *,
                 data_sha256: Mapping[str, str]) -> TrainSummary:
     """Train (or resume) the seed's network and export the EMA model to ``candidate_dir``.
 
     ``data_sha256`` (params.yaml ``data.sha256``): the data files are checked against it first."""
+    from tasks.checkpoints import Checkpoints  # TensorFlow loads only when training actually runs
+
     mnist.verify_checksums(Path(data_dir), data_sha256)
     training = mnist.load_split(data_dir, "train", validation_size)
     validation = mnist.load_split(data_dir, "validation", validation_size)
     decay_steps = decay_steps_for(train, len(training.labels))
     trainer = _build_trainer(model, train, training.images, training.labels, decay_steps)
     fingerprint = run_fingerprint(model, train, validation_size, data_fingerprint(data_sha256))
-    curve, seconds_before = _restore(trainer, Path(checkpoints), fingerprint, train)
+    checkpoints = Checkpoints(Path(checkpoints_dir), fingerprint, train.keep_checkpoints)
+    curve, seconds_before = _restore(trainer, checkpoints, train)
     first_step = trainer.current_step()
     order = BatchOrder(len(training.labels), train.batch_size, train.seed)
-    seconds = run_training(trainer, order, train, validation, decay_steps, Path(checkpoints),
-                           fingerprint, curve, seconds_before)
-    raw, averaged = trainer.accuracy(validation.images, validation.labels)
-    summary = TrainSummary(steps=train.steps, resumed_from_step=first_step, seconds=round(seconds, 3),
-                           steps_per_second=round(train.steps / seconds, 1) if seconds > 0 else 0.0,
-                           final_loss=curve[-1][1], validation_accuracy_raw=raw, validation_accuracy=averaged)
-    _export_atomically(trainer, Path(candidate_dir))
-    _write_reports(Path(reports_dir), curve, summary)
+    with open_live(Path(reports_dir), curve) as live:
+        seconds = run_training(trainer, order, train, validation, decay_steps, checkpoints, live, curve,
+                               seconds_before)
+        raw, averaged = trainer.accuracy(validation.images, validation.labels)
+        summary = TrainSummary(steps=train.steps, resumed_from_step=first_step, seconds=round(seconds, 3),
+                               steps_per_second=round(train.steps / seconds, 1) if seconds > 0 else 0.0,
+                               final_loss=curve[-1][1], validation_accuracy_raw=raw, validation_accuracy=averaged)
+        _export_atomically(trainer, Path(candidate_dir))
+        # Beside the last curve point DVCLive keeps there: what evaluate copies into reports/metrics.json.
+        live.summary.update({key: getattr(summary, key) for key in SUMMARY_KEYS})
     print(f"train: {summary.steps} steps, {summary.steps_per_second} steps/s; validation accuracy "
           f"{averaged:.4f} (EMA) {raw:.4f} (raw); model in {candidate_dir}/", flush=True)
     return summary

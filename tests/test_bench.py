@@ -59,3 +59,18 @@ def test_step_costs_benchmark_prints_every_rung_and_their_differences(synthetic_
         assert milliseconds > 0
         assert added == pytest.approx(milliseconds - previous, abs=0.002)
         previous = milliseconds
+
+
+@pytest.mark.slow
+def test_train_boundaries_benchmark_adds_up(synthetic_source: Path, tmp_path: Path) -> None:
+    lines = _run_benchmark("train_boundaries.py", synthetic_source, tmp_path, "--rounds", "2").strip().splitlines()
+    median = {}
+    for name in ("graph call", "checkpoint", "curve point"):
+        row = next(line for line in lines if re.fullmatch(rf"{name}\s+[\d.]+ ms", line))
+        median[name] = float(row.split()[-2]) / 1000
+        assert median[name] > 0
+    train = make_params_document(synthetic_source)["train"]  # 60 steps, 20 per call, a point and a save every 20
+    share = (3 * median["checkpoint"] + 3 * median["curve point"]) / (3 * median["graph call"])
+    assert re.fullmatch(r"boundary_share=\d+\.\d{4}", lines[-1])
+    assert float(lines[-1].split("=")[1]) == pytest.approx(share, rel=0.05, abs=2e-4)
+    assert train["steps"] // train["checkpoint_every"] == train["steps"] // train["eval_every"] == 3

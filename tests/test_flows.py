@@ -26,7 +26,7 @@ from .conftest import dvc, make_params_document, make_project, tool_environment
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
 # Fields of dvc.lock that record timings (steps/s, seconds, timestamps) and so differ between runs.
-TIMING_OUTPUTS = {"reports/train/summary.json", "reports/metrics.json", "reports/promotion.json",
+TIMING_OUTPUTS = {"reports/train/metrics.json", "reports/metrics.json", "reports/promotion.json",
                   "models/registry.json"}
 
 

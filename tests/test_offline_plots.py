@@ -60,10 +60,12 @@ def test_plots_render_offline_in_a_headless_browser(tmp_path: Path) -> None:
         pytest.skip("chromium is not installed (apt-get install chromium)")
     write_synthetic(tmp_path / "source")
     project = make_project(tmp_path / "project", make_params_document(tmp_path / "source"))
-    (project / "reports" / "train").mkdir(parents=True)
+    curves = project / "reports" / "train" / "plots" / "metrics"  # as train writes them through DVCLive
+    curves.mkdir(parents=True)
     (project / "reports" / "plots").mkdir(parents=True)
-    (project / "reports" / "train" / "curve.csv").write_text(
-        "step,loss,learning_rate,validation_accuracy_raw,validation_accuracy\n1,2.0,0.8,0.5,0.4\n2,1.0,0.7,0.8,0.7\n")
+    for name, values in (("loss", (2.0, 1.0)), ("learning_rate", (0.8, 0.7)), ("validation_accuracy_raw", (0.5, 0.8)),
+                         ("validation_accuracy", (0.4, 0.7))):
+        (curves / f"{name}.tsv").write_text(f"step\t{name}\n1\t{values[0]}\n2\t{values[1]}\n")
     (project / "reports" / "plots" / "confusion.csv").write_text("actual,predicted\n0,0\n1,1\n1,0\n")
     dvc(project, "plots", "show", "-o", "default")  # DVC's own page: scripts from a CDN
     shutil.copy(REPO_ROOT / TEMPLATE, project / TEMPLATE)

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import io
+import json
 import os
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 import time
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -18,21 +16,20 @@ import pytest
 import yaml
 
 from tasks import mnist
+from tasks.checkpoints import newest_checkpoint, read_state
 from tasks.params import Params, TrainParams, parse_params
 from tasks.train import (
+    CURVE_COLUMNS,
     BatchOrder,
-    Checkpoint,
-    CheckpointError,
     TrainingDiverged,
     learning_rate_at,
-    load_checkpoint,
     moving_average_decay_at,
-    save_checkpoint,
     train_model,
 )
 from tasks.trainer import Trainer
 
-from .conftest import dvc, make_params_document, make_project, tool_environment, write_synthetic
+from .conftest import dvc, make_params_document, make_project, run_command, tool_environment, write_synthetic
+from .test_checkpoints import DAMAGES
 
 
 def _train_params(**changes: object) -> TrainParams:
@@ -120,7 +117,12 @@ def _run(params: Params, root: Path, steps: int | None = None, **train_changes: 
 
 
 def _final_state(root: Path) -> dict[str, np.ndarray]:
-    return load_checkpoint(sorted((root / "checkpoints").glob("ckpt-*.npz"))[-1]).state
+    return read_state(newest_checkpoint(root / "checkpoints"))
+
+
+def _curves(reports: Path) -> dict[str, str]:
+    """The training curves as DVCLive wrote them, one TSV per metric."""
+    return {name: (reports / "plots" / "metrics" / f"{name}.tsv").read_text() for name in CURVE_COLUMNS[1:]}
 
 
 def _assert_same_state(first: dict[str, np.ndarray], second: dict[str, np.ndarray]) -> None:
@@ -138,8 +140,13 @@ def test_resume_ends_with_the_weights_of_an_uninterrupted_run(params: Params, tm
     assert resumed.resumed_from_step == 40 and uninterrupted.resumed_from_step == 0
     _assert_same_state(_final_state(tmp_path / "a"), _final_state(tmp_path / "b"))
     assert resumed.validation_accuracy == uninterrupted.validation_accuracy
-    curve = (tmp_path / "b" / "reports" / "curve.csv").read_text().splitlines()
-    assert curve[0].startswith("step,loss,learning_rate") and [r.split(",")[0] for r in curve[1:]] == ["20", "40", "60"]
+    curves = _curves(tmp_path / "b" / "reports")
+    assert curves == _curves(tmp_path / "a" / "reports")  # the points before the resume come from the checkpoint
+    loss = curves["loss"].splitlines()
+    assert loss[0] == "step\tloss" and [row.split("\t")[0] for row in loss[1:]] == ["20", "40", "60"]
+    summary = json.loads((tmp_path / "b" / "reports" / "metrics.json").read_text())
+    assert summary["resumed_from_step"] == 40 and summary["steps"] == summary["step"] == 60
+    assert summary["validation_accuracy"] == round(resumed.validation_accuracy, 6)
 
 
 def test_changed_params_start_fresh(params: Params, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -152,10 +159,11 @@ def test_changed_params_start_fresh(params: Params, tmp_path: Path, capsys: pyte
 
 
 def test_outputs_and_learning(params: Params, tmp_path: Path) -> None:
-    summary = _run(params, tmp_path, steps=200, eval_every=100, steps_per_call=50)
+    summary = _run(params, tmp_path, steps=200, eval_every=100, steps_per_call=50, checkpoint_every=50)
     assert summary.validation_accuracy > 0.8  # the synthetic digits are easy; chance is 0.1
     assert (tmp_path / "candidate" / "saved_model.pb").is_file()
-    assert len(list((tmp_path / "checkpoints").glob("ckpt-*.npz"))) <= params.train.keep_checkpoints
+    kept = sorted(int(path.stem.split("-")[1]) for path in (tmp_path / "checkpoints").glob("*/ckpt-*.index"))
+    assert kept == [100, 150, 200][-params.train.keep_checkpoints:]  # the newest, every checkpoint_every (50)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
@@ -167,9 +175,11 @@ def test_divergence_stops_with_the_step_and_rate_and_writes_no_model(params: Par
 
 @pytest.mark.slow
 def test_killed_stage_resumes_to_identical_weights(tmp_path: Path, synthetic_source: Path) -> None:
-    """SIGKILL `python -m tasks.train` after its first checkpoint, re-run, compare with a clean run."""
+    """SIGKILL `python -m tasks.train` after its first checkpoint and a curve point past it, re-run,
+    compare with a clean run: the same weights, and the same curve (the point past the checkpoint
+    is logged once, by the resumed run)."""
     document = make_params_document(synthetic_source)
-    document["train"].update(steps=6000, steps_per_call=10, eval_every=1000, checkpoint_every=1000)
+    document["train"].update(steps=10000, steps_per_call=10, eval_every=500, checkpoint_every=1000)
     roots = []
     for name in ("killed", "clean"):
         root = tmp_path / name
@@ -181,8 +191,10 @@ def test_killed_stage_resumes_to_identical_weights(tmp_path: Path, synthetic_sou
     environment = tool_environment() | {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     process = subprocess.Popen(command, cwd=killed, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 120
-    while not list((killed / "checkpoints").glob("ckpt-*.npz")) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    loss_curve = killed / "reports" / "train" / "plots" / "metrics" / "loss.tsv"
+    while time.monotonic() < deadline and not (newest_checkpoint(killed / "checkpoints") and loss_curve.is_file()
+                                               and "\n1500\t" in loss_curve.read_text()):
+        time.sleep(0.02)
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed"
@@ -191,13 +203,14 @@ def test_killed_stage_resumes_to_identical_weights(tmp_path: Path, synthetic_sou
     assert "resuming from" in resumed.stdout
     subprocess.run(command, cwd=clean, env=environment, capture_output=True, text=True, check=True)
     _assert_same_state(_final_state_at(killed), _final_state_at(clean))
+    assert _curves(killed / "reports" / "train") == _curves(clean / "reports" / "train")  # the curve too
     exported = [{str(p.relative_to(root)): p.read_bytes() for p in (root / "models" / "candidate").rglob("*")
                  if p.is_file()} for root in (killed, clean)]
     assert exported[0] == exported[1]  # the same candidate, byte for byte: DVC sees nothing new
 
 
 def _final_state_at(root: Path) -> dict[str, np.ndarray]:
-    return load_checkpoint(sorted((root / "checkpoints").glob("ckpt-*.npz"))[-1]).state
+    return read_state(newest_checkpoint(root / "checkpoints"))
 
 
 def test_moving_average_off_serves_the_raw_weights(params: Params, tmp_path: Path) -> None:
@@ -236,6 +249,9 @@ def test_max_loss_does_not_invalidate_checkpoints(params: Params, tmp_path: Path
 
 
 # --- damaged checkpoints ------------------------------------------------------------------
+# What each kind of damage does to the files themselves is tests/test_checkpoints.py's subject;
+# here: a run passes over a damaged newest checkpoint with one short note, resumes from the one
+# before it, and still ends with the weights of an uninterrupted run.
 
 
 @pytest.fixture(scope="module")
@@ -248,40 +264,12 @@ def interrupted_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Params, P
     return params, interrupted / "checkpoints", _final_state(whole)
 
 
-def _flip_bit(data: bytes, position: int) -> bytes:
-    return data[: position // 8] + bytes([data[position // 8] ^ (1 << position % 8)]) + data[position // 8 + 1:]
-
-
-def _other_network(path: Path) -> bytes:
-    """A well-formed checkpoint of this run whose arrays belong to a smaller network."""
-    checkpoint = load_checkpoint(path)
-    state = {name: array[..., :8] if array.ndim and array.shape[-1] == 32 else array
-             for name, array in checkpoint.state.items()}
-    scratch = path.parent / "scratch"
-    scratch.mkdir()
-    save_checkpoint(scratch, Checkpoint(checkpoint.step, checkpoint.fingerprint, state, checkpoint.curve,
-                                        checkpoint.seconds), keep=1)
-    return next(scratch.iterdir()).read_bytes()
-
-
-def _without_digest(path: Path) -> bytes:
-    """The checkpoint as the code before digests wrote it."""
-    with np.load(path) as stored:
-        contents = {key: stored[key] for key in stored.files if key != "digest"}
-    buffer = io.BytesIO()
-    np.savez(buffer, **contents)
-    return buffer.getvalue()
-
-
-DAMAGES = {
-    "empty": lambda data, path: b"",
-    "truncated": lambda data, path: data[: len(data) // 2],
-    "bit-flip-in-weights": lambda data, path: _flip_bit(data, 8 * (len(data) // 3)),
-    "bit-flip-in-zip-signature": lambda data, path: _flip_bit(data, 3),
-    "random-bytes": lambda data, path: np.random.default_rng(0).bytes(len(data)),
-    "arrays-of-another-network": lambda data, path: _other_network(path),
-    "older-format-without-digest": lambda data, path: _without_digest(path),
-}
+def _copy_of(checkpoints: Path, root: Path) -> Path:
+    """A copy of the interrupted run's checkpoints in ``root``; the prefix of its newest (step 40)."""
+    shutil.copytree(checkpoints, root / "checkpoints")
+    newest = newest_checkpoint(root / "checkpoints")
+    assert newest is not None and newest.name == "ckpt-40"
+    return newest
 
 
 @pytest.mark.parametrize("damage", list(DAMAGES))
@@ -289,24 +277,36 @@ def test_damaged_newest_checkpoint_is_skipped_with_a_message(interrupted_run, tm
                                                             capsys: pytest.CaptureFixture[str]) -> None:
     params, checkpoints, expected = interrupted_run
     root = tmp_path / "run"
-    shutil.copytree(checkpoints, root / "checkpoints")
-    newest = root / "checkpoints" / "ckpt-000000040.npz"
-    newest.write_bytes(DAMAGES[damage](newest.read_bytes(), newest))
+    DAMAGES[damage][0](_copy_of(checkpoints, root))
     summary = _run(params, root)
     output = capsys.readouterr().out
-    assert "train: ignoring checkpoint ckpt-000000040.npz: " in output
+    assert "train: ignoring checkpoint ckpt-40: " in output
     notes = [line for line in output.splitlines() if "ignoring" in line]
     assert len(notes) == 1 and len(notes[0]) < 200  # one short line, not a traceback
     assert summary.resumed_from_step == 20
     _assert_same_state(_final_state(root), expected)  # fell back to step 20 and still ends the same
 
 
+def test_a_lost_list_of_checkpoints_loses_nothing(interrupted_run, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """TensorFlow's `checkpoint` file (the list the manager prunes by) turned to garbage: the run
+    resumes from the newest checkpoint file all the same, and pruning still keeps only the newest."""
+    params, checkpoints, expected = interrupted_run
+    root = tmp_path / "run"
+    newest = _copy_of(checkpoints, root)
+    (newest.parent / "checkpoint").write_bytes(np.random.default_rng(0).bytes(300))
+    summary = _run(params, root, steps=100)
+    assert summary.resumed_from_step == 40 and "ignoring" not in capsys.readouterr().out
+    kept = sorted(path.name for path in newest.parent.glob("*.index"))
+    assert kept == ["ckpt-100.index", "ckpt-60.index", "ckpt-80.index"]  # keep_checkpoints: 3
+
+
 def test_every_checkpoint_damaged_starts_fresh(interrupted_run, tmp_path: Path,
                                                capsys: pytest.CaptureFixture[str]) -> None:
     params, checkpoints, expected = interrupted_run
     root = tmp_path / "run"
-    shutil.copytree(checkpoints, root / "checkpoints")
-    for path in (root / "checkpoints").iterdir():
+    newest = _copy_of(checkpoints, root)
+    for path in newest.parent.glob("ckpt-*.data-*"):
         path.write_bytes(path.read_bytes()[:100])
     summary = _run(params, root)
     output = capsys.readouterr().out
@@ -315,50 +315,19 @@ def test_every_checkpoint_damaged_starts_fresh(interrupted_run, tmp_path: Path,
     _assert_same_state(_final_state(root), expected)
 
 
-def _array_bytes(data: bytes) -> list[int]:
-    """Offsets of the bytes of array values (not headers) in an uncompressed .npz."""
-    offsets = []
-    with zipfile.ZipFile(io.BytesIO(data)) as archive:
-        for info in archive.infolist():
-            name_length, extra_length = struct.unpack("<HH", data[info.header_offset + 26 : info.header_offset + 30])
-            start = info.header_offset + 30 + name_length + extra_length
-            with archive.open(info) as member:
-                np.lib.format.read_magic(member)
-                np.lib.format.read_array_header_1_0(member)
-                start += member.tell()
-            offsets += range(start, info.header_offset + 30 + name_length + extra_length + info.file_size)
-    return offsets
-
-
-@pytest.mark.slow  # 16800 damaged files, about a minute
-def test_every_bit_flip_and_truncation_is_caught_or_harmless(interrupted_run, tmp_path: Path) -> None:
-    """Flip each bit of the first 600 bytes (zip and array headers) and the last 1200 (zip
-    directory), and 2000 bits spread over the arrays; cut the file at 400 lengths. A damaged
-    file is refused with CheckpointError, or loads to exactly the original (a flipped bit in a
-    zip field nobody reads, such as a timestamp); damage to the arrays or a cut is always refused."""
-    _, checkpoints, _ = interrupted_run
-    data = (checkpoints / "ckpt-000000040.npz").read_bytes()
-    original = load_checkpoint(checkpoints / "ckpt-000000040.npz")
-    path = tmp_path / "ckpt-000000040.npz"
-
-    def outcome(content: bytes) -> str:
-        path.write_bytes(content)
-        try:
-            loaded = load_checkpoint(path)
-        except CheckpointError:
-            return "refused"
-        assert loaded.step == original.step and loaded.curve == original.curve
-        _assert_same_state(loaded.state, original.state)
-        return "harmless"
-
-    edges = [*range(0, 8 * 600), *range(8 * (len(data) - 1200), 8 * len(data))]
-    arrays = _array_bytes(data)
-    inside = [8 * arrays[index] + index % 8 for index in np.random.default_rng(1).integers(0, len(arrays), 2000)]
-    cuts = [*range(0, 600, 3), *np.random.default_rng(2).integers(600, len(data), 200).tolist()]
-    at_edges = [outcome(_flip_bit(data, bit)) for bit in edges]
-    assert len(at_edges) == 14_400 and at_edges.count("refused") > len(at_edges) / 2
-    assert {outcome(_flip_bit(data, bit)) for bit in inside} == {"refused"}
-    assert {outcome(data[:cut]) for cut in cuts} == {"refused"}
+def test_checkpoints_of_the_older_npz_format_are_ignored(interrupted_run, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """An upgrade leaves the previous code's `checkpoints/ckpt-<step>.npz` files behind."""
+    params, _, expected = interrupted_run
+    old = tmp_path / "checkpoints" / "ckpt-000000040.npz"
+    old.parent.mkdir()
+    old.write_bytes(b"PK\x03\x04" + bytes(100))
+    summary = _run(params, tmp_path)
+    output = capsys.readouterr().out
+    assert "ignoring checkpoints/ckpt-000000040.npz: not a checkpoint of this version" in output.replace(
+        str(tmp_path) + "/", "")
+    assert summary.resumed_from_step == 0 and not old.exists()
+    _assert_same_state(_final_state(tmp_path), expected)
 
 
 def test_tampered_training_data_is_refused_before_use(params: Params, tmp_path: Path) -> None:
@@ -414,3 +383,38 @@ def test_failed_train_under_dvc_says_how_to_get_the_candidate_back(tmp_path: Pat
     assert "`dvc checkout models/candidate` brings back the previous version" in failed.stderr + failed.stdout
     dvc(project, "checkout", "models/candidate")
     assert _tree(project / "models" / "candidate") == candidate
+
+
+def _running_experiments(project: Path) -> list[dict]:
+    """The experiments `dvc exp show --json` reports as running, with their data."""
+    shown = json.loads(dvc(project, "exp", "show", "--json").stdout)
+    return [revision for baseline in shown for experiment in baseline.get("experiments") or []
+            if experiment.get("executor", {}).get("state") == "running" for revision in experiment["revs"]]
+
+
+@pytest.mark.slow
+def test_dvc_exp_show_sees_the_metrics_of_a_running_experiment(tmp_path: Path, synthetic_source: Path) -> None:
+    """While `dvc exp run` trains, `dvc exp show` lists it as running with the metrics DVCLive
+    wrote so far; DVCLive itself neither writes a dvc.yaml nor stages anything in git."""
+    document = make_params_document(synthetic_source)
+    document["train"].update(steps=40000, steps_per_call=10, eval_every=500, checkpoint_every=10000)
+    project = make_project(tmp_path / "project", document)
+    command = [sys.executable, "-m", "dvc", "exp", "run", "train"]
+    running = subprocess.Popen(command, cwd=project, env=tool_environment(), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    assert running.stdout is not None
+    for line in running.stdout:  # wait for the second curve point: metrics.json is being rewritten
+        if line.startswith("train: step    1000/40000"):
+            break
+    experiments = _running_experiments(project)
+    rest = running.stdout.read()
+    assert running.wait() == 0, rest
+    assert len(experiments) == 1
+    live = experiments[0]["data"]["metrics"]["reports/train/metrics.json"]["data"]
+    assert 1000 <= live["step"] < 40000 and set(CURVE_COLUMNS[1:]) <= set(live)
+    assert "steps_per_second" not in live  # the summary comes at the end: this is a run in progress
+    final = json.loads((project / "reports" / "train" / "metrics.json").read_text())
+    assert final["step"] == final["steps"] == 40000
+    assert run_command(["git", "status", "--porcelain", "--", "dvc.yaml"], project).stdout == ""
+    assert run_command(["git", "diff", "--cached", "--name-only"], project).stdout == ""
+    assert not list((project / "reports").rglob("dvc.yaml"))
