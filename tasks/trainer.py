@@ -5,17 +5,17 @@ one call of a loop compiled by XLA (``tf.function(jit_compile=True)`` around a
 ``tf.while_loop``), so per-step Python dispatch (what limits Keras ``fit`` on a model this
 small) is paid once per call, not once per step. The loop is functional: weights, averages,
 images, labels, batch indices and the per-step schedule go in as arguments, the new weights,
-averages and each step's loss come out. That is what lets XLA fuse the SGD update, the L2
-term and the moving average into single passes over W1, which TensorFlow's graph executor
-cannot (bench/train_speed.py times both, and bench/graph_trainer.py keeps the graph-mode
-trainer this one replaced). The weights and averages live in ``tf.Variable``s between calls,
-where checkpoints and evaluation read them.
+averages and each step's loss come out. XLA fuses the L2 term into the SGD update and the
+moving average into one more pass: two elementwise passes over W1 per step, where TensorFlow's
+graph executor makes four or five (bench/train_speed.py times both; bench/graph_trainer.py
+keeps the graph-mode trainer this one replaced). Between calls the weights and averages live
+in ``tf.Variable``s, where checkpoints and evaluation read them.
 
 One compiled program serves every call: the batch indices are padded to
 ``train.steps_per_call`` rows and the loop runs only the real ones. The program is the same
 whatever the call sizes, so a run split into calls differently (by evaluations, checkpoints, a
-kill and a resume) ends with bit-identical weights (tests/test_trainer.py checks it, and that
-two runs agree bit for bit).
+kill and a resume) ends with bit-identical weights. XLA on CPU is deterministic for a fixed
+input: tests/test_trainer.py checks both bit for bit.
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ class Trainer(tf.Module):
         # Like tf.train.ExponentialMovingAverage, the averages start at the initial values.
         self.averages = [tf.Variable(value, trainable=False, name=f"average_{i}") for i, value in enumerate(initial)]
         self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
-        # Arguments of the compiled loop, not constants captured in it: XLA would copy a captured
-        # 172 MB constant into the program.
+        # Passed to the compiled loop as arguments, like the state: nothing data-sized is
+        # compiled into the program.
         self.images = tf.constant(images, dtype=tf.float32)
         self.labels = tf.constant(labels, dtype=tf.int32)
         self.activation = model.activation
@@ -79,12 +79,13 @@ class Trainer(tf.Module):
             lambda i, *_: i < count, step, (tf.constant(0), weights, averages, losses))
         return weights, averages, losses.stack()
 
-    def _schedule(self, first_step: int, rows: int) -> tuple[np.ndarray, np.ndarray]:
-        """Learning rate and moving-average decay of the steps from ``first_step``, as tasks/train.py
-        defines them (float64, then rounded to float32 as the variables are)."""
-        steps = range(first_step, first_step + rows)
-        learning_rates = np.array([learning_rate_at(step, self.train, self.decay_steps) for step in steps], np.float32)
-        decays = np.array([moving_average_decay_at(step, self.train) for step in steps], np.float32)
+    def _schedule(self, first_step: int, count: int, rows: int) -> tuple[np.ndarray, np.ndarray]:
+        """Learning rate and moving-average decay of the ``count`` steps from ``first_step``, as
+        tasks/train.py defines them (float64, then rounded to float32 as the variables are),
+        padded with zeros to ``rows``."""
+        learning_rates, decays, steps = np.zeros(rows, np.float32), np.zeros(rows, np.float32), range(count)
+        learning_rates[:count] = [learning_rate_at(first_step + i, self.train, self.decay_steps) for i in steps]
+        decays[:count] = [moving_average_decay_at(first_step + i, self.train) for i in steps]
         return learning_rates, decays
 
     def _run_call(self, batches: np.ndarray) -> np.ndarray:
@@ -92,7 +93,7 @@ class Trainer(tf.Module):
         count, rows = len(batches), self.train.steps_per_call
         padded = np.zeros((rows, batches.shape[1]), np.int32)  # one shape: one compiled program
         padded[:count] = batches
-        learning_rates, decays = self._schedule(self.current_step(), rows)
+        learning_rates, decays = self._schedule(self.current_step(), count, rows)
         weights, averages, losses = self._loop(
             self.images, self.labels, tf.constant(padded), tf.constant(count, tf.int32),
             tf.constant(learning_rates), tf.constant(decays),
