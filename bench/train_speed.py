@@ -9,33 +9,33 @@ logits, and an exponential moving average of the weights after every step (Keras
 ``SGD(use_ema=True, ema_momentum=moving_average_decay)``; Keras skips our short EMA warm-up,
 which costs nothing either way).
 
-Measured, in one process so both share the same TensorFlow thread pools:
+Measured, in one process so all share the same TensorFlow thread pools:
 
 * ``keras fit``: ``model.fit`` on the numpy arrays (``batch_size``, ``shuffle=True``, default
   ``steps_per_execution=1``, ``jit_compile="auto"`` which is off on CPU): the idiomatic loop.
-* ``ours``: ``Trainer.run_steps`` in chunks of ``train.steps_per_call`` steps, batch order
-  from ``tasks.train.BatchOrder`` (its cost is included, like Keras's shuffling).
-* ``ours, 1 step/call`` (context): the same graph called once per step from Python, which
+* ``ours``: ``Trainer.run_steps`` in chunks of ``train.steps_per_call`` steps, one call of the
+  XLA-compiled loop each, batch order from ``tasks.train.BatchOrder`` (its cost is included,
+  like Keras's shuffling).
+* ``graph trainer``: the train stage's trainer before the XLA loop (bench/graph_trainer.py, a
+  hand-tuned ``tf.function`` graph loop), called the same way: what the XLA loop gained.
+* ``ours, 1 step/call`` (context): our compiled loop called once per step from Python, which
   shows what per-step dispatch costs.
-* ``floor`` (context): a bound no faithful trainer of this model can beat on the machine at
-  hand. A graph loop doing, per step, only the work the seed's algorithm cannot skip on W1:
-  the two big matmuls (``x @ W1`` and the ``x^T @ delta`` of W1's gradient), W1's in-place
-  SGD update that the next step waits for, and W1's moving-average update (overlapped with
-  the forward pass, as ours is). No second layer, biases, softmax, L2 term or loss. So
-  ``floor / keras fit`` is the highest ``ratio_vs_keras_fit`` any trainer could print here.
+* ``jax scan`` (a peer a user might pick instead): bench/jax_trainer.py, ``jax.jit`` of a
+  ``lax.scan`` over ``train.steps_per_call`` steps with ``jax.grad``, written plainly. Only
+  when JAX is installed (``pip install -e '.[bench]'``); otherwise the row is left out, saying so.
 
-Each is warmed up first (tracing, one epoch for Keras, one call for ours), then timed over
-``--epochs`` epochs (550 steps each) per round; the measurements alternate for ``--rounds``
-rounds, in a rotating order, so that background load hits all of them alike (on a shared
-2-core machine it moves every few seconds, hence many short rounds rather than a few long
+Each is warmed up first (tracing and compiling, one epoch for Keras, one call for the others),
+then timed over ``--epochs`` epochs (550 steps each) per round; the measurements alternate for
+``--rounds`` rounds, in a rotating order, so that background load hits all of them alike (on a
+shared 2-core machine it moves every few seconds, hence many short rounds rather than a few long
 ones). Keras is timed from the start of its first timed epoch to the end of its last (a
-callback), which leaves out ``fit``'s per-call set-up. Reported: best and median steps/s,
-the peak RSS of the process after each set-up, the median of the per-round ratios (ours /
-Keras in the same round), ``floor / keras fit`` (best / best), and as the last line
+callback), which leaves out ``fit``'s per-call set-up. Reported: best and median steps/s, the
+peak RSS of the process after each set-up, the median of the per-round ratios (ours / Keras and
+ours / graph trainer in the same round), and as the last line
 ``ratio_vs_keras_fit=<best ours / best keras>``.
 
     python bench/train_speed.py [--rounds 8] [--epochs 1] [--threads 0] [--inter-op-threads 0] [--no-per-step]
-        [--no-floor] [--params params.yaml] [--raw-data data/raw]
+        [--no-graph] [--no-jax] [--params params.yaml] [--raw-data data/raw]
 """
 
 from __future__ import annotations
@@ -122,57 +122,54 @@ def keras_runner(model: ModelParams, train: TrainParams, images: np.ndarray, lab
     return run
 
 
-def trainer_runner(model: ModelParams, train: TrainParams, images: np.ndarray, labels: np.ndarray,
-                   decay_steps: int, steps: int, per_call: int) -> Callable[[], float]:
-    """A Trainer warmed up by one call; return a function timing ``steps`` steps, ``per_call`` a call."""
-    from tasks.trainer import Trainer
-
-    trainer = Trainer(model, train, images, labels, decay_steps)
-    order = BatchOrder(len(labels), train.batch_size, train.seed)
+def timed_steps(trainer, order: BatchOrder, steps: int, per_call: int) -> Callable[[], float]:
+    """Warm ``trainer`` up with one call; return a function timing its next ``steps`` steps,
+    ``per_call`` steps a call (anything with ``run_steps(batches)``: ours, the graph trainer, JAX)."""
     trainer.run_steps(order.batches(0, per_call))
-
-    def run() -> float:
-        first = trainer.current_step()
-        started = time.perf_counter()
-        for step in range(first, first + steps, per_call):
-            trainer.run_steps(order.batches(step, min(per_call, first + steps - step)))
-        return steps / (time.perf_counter() - started)
-
-    return run
-
-
-def floor_runner(images: np.ndarray, labels: np.ndarray, train: TrainParams, hidden_units: int,
-                 steps: int, per_call: int) -> Callable[[], float]:
-    """The ``floor`` row: per step, the matmuls and the two updates of W1 every step of the seed's needs."""
-    data = tf.constant(images, tf.float32)
-    weights = tf.Variable(tf.random.stateless_truncated_normal([784, hidden_units], seed=[train.seed, 0], stddev=0.1))
-    average = tf.Variable(weights)
-    rate = tf.constant(1e-6)  # tiny, so the weights stay finite however long it runs
-    average_rate = tf.constant(1.0 - train.moving_average_decay)
-
-    @tf.function(input_signature=[tf.TensorSpec([None, None], tf.int32)])
-    def run_steps(batches: tf.Tensor) -> tf.Tensor:
-        for i in tf.range(tf.shape(batches)[0]):
-            tf.raw_ops.ResourceApplyGradientDescent(var=average.handle, alpha=average_rate, delta=average - weights)
-            inputs = tf.gather(data, batches[i])
-            delta = tf.matmul(inputs, weights) * 1e-3  # stands in for the backward pass: needs the forward
-            tf.raw_ops.ResourceApplyGradientDescent(
-                var=weights.handle, alpha=rate, delta=tf.matmul(inputs, delta, transpose_a=True))
-        return weights[0, 0]
-
-    order = BatchOrder(len(labels), train.batch_size, train.seed)
-    run_steps(order.batches(0, per_call)).numpy()
     next_step = per_call
 
     def run() -> float:
         nonlocal next_step
         started = time.perf_counter()
         for first in range(next_step, next_step + steps, per_call):
-            run_steps(order.batches(first, min(per_call, next_step + steps - first))).numpy()
+            trainer.run_steps(order.batches(first, min(per_call, next_step + steps - first)))
         next_step += steps
         return steps / (time.perf_counter() - started)
 
     return run
+
+
+def trainer_runner(model: ModelParams, train: TrainParams, images: np.ndarray, labels: np.ndarray,
+                   decay_steps: int, steps: int, per_call: int) -> Callable[[], float]:
+    """The train stage's Trainer, compiled for ``per_call`` steps a call."""
+    from tasks.trainer import Trainer
+
+    trainer = Trainer(model, train.model_copy(update={"steps_per_call": per_call}), images, labels, decay_steps)
+    return timed_steps(trainer, BatchOrder(len(labels), train.batch_size, train.seed), steps, per_call)
+
+
+def graph_trainer_runner(model: ModelParams, train: TrainParams, images: np.ndarray, labels: np.ndarray,
+                         decay_steps: int, steps: int) -> Callable[[], float]:
+    """The graph-mode trainer the XLA loop replaced, ``train.steps_per_call`` steps a call."""
+    from bench.graph_trainer import GraphTrainer
+
+    trainer = GraphTrainer(model, train, images, labels, decay_steps)
+    return timed_steps(trainer, BatchOrder(len(labels), train.batch_size, train.seed), steps, train.steps_per_call)
+
+
+def jax_runner(model: ModelParams, train: TrainParams, images: np.ndarray, labels: np.ndarray,
+               decay_steps: int, steps: int) -> Callable[[], float] | None:
+    """The JAX peer (bench/jax_trainer.py), or None when JAX is not installed."""
+    try:
+        from bench.jax_trainer import JaxTrainer
+    except ImportError as error:
+        print(f"no jax scan row: {error} (pip install -e '.[bench]' adds JAX)")
+        return None
+    from tasks.model import initial_values
+
+    initial = [value.numpy() for value in initial_values(model, train.seed)]
+    trainer = JaxTrainer(initial, model.activation, train, images, labels, decay_steps)
+    return timed_steps(trainer, BatchOrder(len(labels), train.batch_size, train.seed), steps, train.steps_per_call)
 
 
 def configure_threads(intra_op: int, inter_op: int) -> str:
@@ -183,6 +180,29 @@ def configure_threads(intra_op: int, inter_op: int) -> str:
     return f"TensorFlow threads: intra-op {intra_op or default}, inter-op {inter_op or default}"
 
 
+def build_runners(args: argparse.Namespace, model: ModelParams, train: TrainParams, images: np.ndarray,
+                  labels: np.ndarray, decay_steps: int, steps: int) -> dict[str, Callable[[], float]]:
+    """Set up (and warm up) every row; print the peak RSS after each."""
+    runners: dict[str, Callable[[], float]] = {}
+    runners["keras fit"] = keras_runner(model, train, images, labels, decay_steps, args.epochs)
+    print(f"peak RSS after Keras set-up {peak_rss_mib():.0f} MiB")
+    runners["ours"] = trainer_runner(model, train, images, labels, decay_steps, steps, train.steps_per_call)
+    print(f"peak RSS after Trainer set-up {peak_rss_mib():.0f} MiB")
+    if not args.no_graph:
+        runners["graph trainer"] = graph_trainer_runner(model, train, images, labels, decay_steps, steps)
+    if not args.no_per_step:
+        runners["ours, 1 step/call"] = trainer_runner(model, train, images, labels, decay_steps, steps, 1)
+    if not args.no_jax and (runner := jax_runner(model, train, images, labels, decay_steps, steps)):
+        runners["jax scan"] = runner
+    print(f"peak RSS after all set-ups {peak_rss_mib():.0f} MiB")
+    return runners
+
+
+def paired_ratio(rates: dict[str, list[float]], name: str, other: str) -> float:
+    """Median over rounds of ``name`` / ``other`` in the same round: robust to load that moves between rounds."""
+    return statistics.median(mine / theirs for mine, theirs in zip(rates[name], rates[other]))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=8, help="timed repetitions of each measurement")
@@ -190,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="intra-op threads; 0 = TF default")
     parser.add_argument("--inter-op-threads", type=int, default=0, help="inter-op threads; 0 = TF default")
     parser.add_argument("--no-per-step", action="store_true", help="skip the 1-step-per-call context row")
-    parser.add_argument("--no-floor", action="store_true", help="skip the floor context row")
+    parser.add_argument("--no-graph", action="store_true", help="skip the graph trainer row")
+    parser.add_argument("--no-jax", action="store_true", help="skip the JAX peer row")
     parser.add_argument("--params", type=Path, default=ROOT / "params.yaml")
     parser.add_argument("--raw-data", type=Path, help="IDX files to train on; default: paths.raw_data of --params")
     args = parser.parse_args(argv)
@@ -205,18 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(labels)} training examples, batch {train.batch_size}, {steps} timed steps per round, "
           f"{args.rounds} rounds; peak RSS after loading data {peak_rss_mib():.0f} MiB")
 
-    runners: dict[str, Callable[[], float]] = {}
-    runners["keras fit"] = keras_runner(model, train, images, labels, decay_steps, args.epochs)
-    print(f"peak RSS after Keras set-up {peak_rss_mib():.0f} MiB")
-    runners["ours"] = trainer_runner(model, train, images, labels, decay_steps, steps, train.steps_per_call)
-    print(f"peak RSS after Trainer set-up {peak_rss_mib():.0f} MiB")
-    if not args.no_per_step:
-        runners["ours, 1 step/call"] = trainer_runner(model, train, images, labels, decay_steps, steps, 1)
-    if not args.no_floor and not model.hidden_units:
-        print("no floor row: it measures the hidden layer's work, and model.hidden_units is 0")
-    elif not args.no_floor:
-        runners["floor"] = floor_runner(images, labels, train, model.hidden_units, steps, train.steps_per_call)
-
+    runners = build_runners(args, model, train, images, labels, decay_steps, steps)
     rates: dict[str, list[float]] = {name: [] for name in runners}
     names = list(runners)
     for round_ in range(args.rounds):
@@ -227,12 +237,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{'':<18} {'best':>8} {'median':>8}  steps/s")
     for name, values in rates.items():
         print(f"{name:<18} {max(values):8.1f} {statistics.median(values):8.1f}")
-    paired = statistics.median(ours / keras for ours, keras in zip(rates["ours"], rates["keras fit"]))
-    print(f"peak RSS {peak_rss_mib():.0f} MiB (whole process: data, Keras and our Trainers)")
-    print(f"ours / keras fit: median of per-round ratios {paired:.2f}")
-    if "floor" in rates:
-        floor = max(rates["floor"]) / max(rates["keras fit"])
-        print(f"floor / keras fit: {floor:.2f} (best / best; the most any faithful trainer could reach here)")
+    print(f"peak RSS {peak_rss_mib():.0f} MiB (whole process: data, Keras and every trainer)")
+    print(f"ours / keras fit: median of per-round ratios {paired_ratio(rates, 'ours', 'keras fit'):.2f}")
+    for other in ("graph trainer", "jax scan"):
+        if other in rates:
+            print(f"ours / {other}: best / best {max(rates['ours']) / max(rates[other]):.2f}, "
+                  f"median of per-round ratios {paired_ratio(rates, 'ours', other):.2f}")
     print(f"ratio_vs_keras_fit={max(rates['ours']) / max(rates['keras fit']):.2f}")
     return 0
 

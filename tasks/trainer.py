@@ -1,16 +1,21 @@
-"""The TensorFlow side of stage `train`: variables, the fused multi-step graph, evaluation.
+"""The TensorFlow side of stage `train`: variables, the XLA-compiled training loop, evaluation.
 
-``Trainer.run_steps(batches)`` runs one SGD + moving-average step per row of ``batches``
-inside a single ``tf.function`` call: a graph loop, so per-step Python dispatch (what limits
-Keras ``fit`` on a model this small) is paid once per call, not once per step.
+``Trainer.run_steps(batches)`` runs one SGD + moving-average step per row of ``batches`` inside
+one call of a loop compiled by XLA (``tf.function(jit_compile=True)`` around a
+``tf.while_loop``), so per-step Python dispatch (what limits Keras ``fit`` on a model this
+small) is paid once per call, not once per step. The loop is functional: weights, averages,
+images, labels, batch indices and the per-step schedule go in as arguments, the new weights,
+averages and each step's loss come out. XLA fuses the L2 term into the SGD update and the
+moving average into one more pass: two elementwise passes over W1 per step, where TensorFlow's
+graph executor makes four or five (bench/train_speed.py times both; bench/graph_trainer.py
+keeps the graph-mode trainer this one replaced). Between calls the weights and averages live
+in ``tf.Variable``s, where checkpoints and evaluation read them.
 
-A step is two 100x784x500 matmuls plus a handful of passes over W1; everything else here is
-about not wasting time around them (each measured with bench/train_speed.py, 2 cores):
-updates written in place, gradients by hand (fewer graph ops than autodiff), the learning
-rate and moving-average schedule computed once per call, the moving-average update
-overlapped with the next forward pass, the L2 penalty computed only when reported, and a few
-steps per loop iteration. The result is the plain autodiff version's to float32 rounding
-(tests/test_trainer.py compares them).
+One compiled program serves every call: the batch indices are padded to
+``train.steps_per_call`` rows and the loop runs only the real ones. The program is the same
+whatever the call sizes, so a run split into calls differently (by evaluations, checkpoints, a
+kill and a resume) ends with bit-identical weights. XLA on CPU is deterministic for a fixed
+input: tests/test_trainer.py checks both bit for bit.
 """
 
 from __future__ import annotations
@@ -20,20 +25,7 @@ import tensorflow as tf
 
 from tasks import model as network
 from tasks.params import ModelParams, TrainParams
-
-
-def _apply_in_place(variable: tf.Variable, rate: tf.Tensor, delta: tf.Tensor) -> None:
-    """``variable -= rate * delta`` as one fused kernel that writes into the variable's buffer.
-
-    Bit for bit what ``variable.assign_sub(rate * delta)`` computes, without the temporary
-    ``rate * delta``: one pass over W1 (784 x 500) instead of two, and one thread-pool hand-off
-    instead of two. Used for the SGD step and the moving average, it makes a step ~10% faster
-    on 2 cores (bench/train_speed.py).
-    """
-    tf.raw_ops.ResourceApplyGradientDescent(var=variable.handle, alpha=rate, delta=delta)
-
-
-_UNROLL = 5  # steps per graph-loop iteration (see Trainer._run)
+from tasks.train import learning_rate_at, moving_average_decay_at
 
 
 class Trainer(tf.Module):
@@ -46,109 +38,87 @@ class Trainer(tf.Module):
         # Like tf.train.ExponentialMovingAverage, the averages start at the initial values.
         self.averages = [tf.Variable(value, trainable=False, name=f"average_{i}") for i, value in enumerate(initial)]
         self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
+        # Passed to the compiled loop as arguments, like the state: nothing data-sized is
+        # compiled into the program.
         self.images = tf.constant(images, dtype=tf.float32)
         self.labels = tf.constant(labels, dtype=tf.int32)
         self.activation = model.activation
+        self.train, self.decay_steps = train, decay_steps
+        self.l2_rate = tf.constant(train.l2_rate, tf.float32)
         self.regularised = network.weight_matrices(self.weights)
-        self.hyper = {
-            "learning_rate": tf.constant(train.learning_rate, tf.float64),
-            "learning_rate_decay": tf.constant(train.learning_rate_decay, tf.float64),
-            "decay_steps": tf.constant(decay_steps, tf.int64),
-            "l2_rate": tf.constant(train.l2_rate, tf.float32),
-            "moving_average_decay": tf.constant(train.moving_average_decay, tf.float64),
-        }
 
-    def _gradients(self, indices: tf.Tensor) -> tuple[tf.Tensor, list[tf.Tensor]]:
-        """Mean cross-entropy of a batch and the loss gradients (with the L2 term), by hand.
+    def _loss(self, weights: list[tf.Tensor], images: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """(mean cross-entropy + L2 penalty, mean cross-entropy) of one batch."""
+        logits = network.inference(images, weights, self.activation)
+        cross_entropy = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits))
+        penalty = tf.add_n([tf.nn.l2_loss(matrix) for matrix in network.weight_matrices(weights)])
+        return cross_entropy + self.l2_rate * penalty, cross_entropy
 
-        Backpropagation through the MLP, the same math tf.GradientTape builds (the tests
-        compare the two) without the tape's bookkeeping ops: on steps this small the number
-        of graph ops is what costs (5-10% in interleaved A/B runs, within this machine's noise
-        alone, clearly so together with the changes below). The L2 penalty's gradient,
-        ``l2_rate * W``, is added directly; the penalty itself is only reported.
-        """
-        images, labels = tf.gather(self.images, indices), tf.gather(self.labels, indices)
-        inputs, logits = network.forward(images, self.weights, self.activation)
-        losses, logit_gradients = tf.raw_ops.SparseSoftmaxCrossEntropyWithLogits(features=logits, labels=labels)
-        delta = logit_gradients * (1.0 / tf.cast(tf.shape(labels)[0], tf.float32))  # d mean / d logits
-        gradients: list[tf.Tensor] = []
-        for layer in reversed(range(len(inputs))):
-            weights, _ = network.layers(self.weights)[layer]
-            weight_gradient = tf.matmul(inputs[layer], delta, transpose_a=True) + self.hyper["l2_rate"] * weights
-            gradients[:0] = [weight_gradient, tf.reduce_sum(delta, axis=0)]
-            if layer:
-                delta = tf.matmul(delta, weights, transpose_b=True)
-                if self.activation == "relu":
-                    delta = tf.raw_ops.ReluGrad(gradients=delta, features=inputs[layer])
-        return tf.reduce_mean(losses), gradients
+    @tf.function(jit_compile=True)
+    def _loop(self, images: tf.Tensor, labels: tf.Tensor, batches: tf.Tensor, count: tf.Tensor,
+              learning_rates: tf.Tensor, decays: tf.Tensor, weights: list[tf.Tensor],
+              averages: list[tf.Tensor]) -> tuple[list[tf.Tensor], list[tf.Tensor], tf.Tensor]:
+        """The first ``count`` steps of ``batches``: plain SGD, then the moving average, per step."""
 
-    @tf.function(input_signature=[])
-    def _penalty(self) -> tf.Tensor:
-        return self.hyper["l2_rate"] * tf.add_n([tf.nn.l2_loss(weights) for weights in self.regularised])
+        def step(i: tf.Tensor, weights: list[tf.Tensor], averages: list[tf.Tensor],
+                 losses: tf.TensorArray) -> tuple:
+            indices = batches[i]
+            with tf.GradientTape() as tape:
+                tape.watch(weights)
+                loss, cross_entropy = self._loss(weights, tf.gather(images, indices), tf.gather(labels, indices))
+            gradients = tape.gradient(loss, weights)
+            weights = [value - learning_rates[i] * gradient for value, gradient in zip(weights, gradients)]
+            # tf.train.ExponentialMovingAverage's average -= (1 - decay) * (average - weights), written
+            # as weights + decay * (average - weights): the same to float32 rounding, and exactly the
+            # weights when decay is 0 (no moving average), which the other form is not under XLA.
+            averages = [value + decays[i] * (average - value) for average, value in zip(averages, weights)]
+            return i + 1, weights, averages, losses.write(i, cross_entropy)
 
-    def penalty(self) -> float:
-        """The L2 term of the loss now: ``l2_rate`` times the sum of ||W||^2 / 2 over the weight matrices."""
-        return float(self._penalty())
+        losses = tf.TensorArray(tf.float32, size=tf.shape(batches)[0], element_shape=[])
+        _, weights, averages, losses = tf.while_loop(
+            lambda i, *_: i < count, step, (tf.constant(0), weights, averages, losses))
+        return weights, averages, losses.stack()
 
-    def _schedule(self, count: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        """Learning rate and moving-average rate (1 - decay) of the next ``count`` steps.
+    def _schedule(self, first_step: int, count: int, rows: int) -> tuple[np.ndarray, np.ndarray]:
+        """Learning rate and moving-average decay of the ``count`` steps from ``first_step``, as
+        tasks/train.py defines them (float64, then rounded to float32 as the variables are),
+        padded with zeros to ``rows``."""
+        learning_rates, decays, steps = np.zeros(rows, np.float32), np.zeros(rows, np.float32), range(count)
+        learning_rates[:count] = [learning_rate_at(first_step + i, self.train, self.decay_steps) for i in steps]
+        decays[:count] = [moving_average_decay_at(first_step + i, self.train) for i in steps]
+        return learning_rates, decays
 
-        Computed for a whole call at once, so the loop body does no scalar bookkeeping.
-        """
-        h = self.hyper
-        steps = self.step.read_value() + tf.range(tf.cast(count, tf.int64))
-        exponent = tf.cast(steps // h["decay_steps"], tf.float64)  # staircase
-        learning_rates = tf.cast(h["learning_rate"] * tf.pow(h["learning_rate_decay"], exponent), tf.float32)
-        steps_seen = tf.cast(steps, tf.float64)  # tf.train.ExponentialMovingAverage's num_updates warm-up
-        decays = tf.minimum(h["moving_average_decay"], (1.0 + steps_seen) / (10.0 + steps_seen))
-        return learning_rates, 1.0 - tf.cast(decays, tf.float32)
-
-    def _one_step(self, indices: tf.Tensor, learning_rate: tf.Tensor, owed_average_rate: tf.Tensor) -> tf.Tensor:
-        """One SGD step, after settling the moving-average update the previous step owes; its loss.
-
-        The averages read only the weights, so their update can run while this step's forward
-        pass does (TensorFlow orders it before the weights change). Bit for bit the same as
-        updating the averages at the end of each step. With the other changes of this module it
-        took the loop from ~340 to ~350-420 median steps/s in bench/train_speed.py.
-        """
-        self._update_averages(owed_average_rate)
-        cross_entropy, gradients = self._gradients(indices)
-        for weights, gradient in zip(self.weights, gradients):
-            _apply_in_place(weights, learning_rate, gradient)  # w -= rate * gradient, bit for bit
-        return cross_entropy
-
-    def _update_averages(self, rate: tf.Tensor) -> None:
-        # tf.train.ExponentialMovingAverage's own update, average -= (1 - decay) * (average - weights):
-        # two passes over each variable where decay * average + (1 - decay) * weights takes three.
-        # Same math; the averages round differently in the last bit, weights and losses do not change.
-        for average, weights in zip(self.averages, self.weights):
-            _apply_in_place(average, rate, average - weights)
-
-    @tf.function(input_signature=[tf.TensorSpec([None, None], tf.int32)])
-    def _run(self, batches: tf.Tensor) -> tf.Tensor:
-        count = tf.shape(batches)[0]
-        learning_rates, average_rates = self._schedule(count)
-        # Step i settles step i - 1's average update; a rate of 0 leaves the averages as they are.
-        owed_average_rates = tf.concat([[0.0], average_rates[:-1]], axis=0)
-        losses = tf.TensorArray(tf.float32, size=count)
-        # Several steps per loop iteration: the loop waits for every op of an iteration before
-        # the next starts, so unrolling lets one step's tail overlap the next step's head.
-        unrolled = count // _UNROLL * _UNROLL
-        for first in tf.range(0, unrolled, _UNROLL):
-            for i in [first + offset for offset in range(_UNROLL)]:
-                losses = losses.write(i, self._one_step(batches[i], learning_rates[i], owed_average_rates[i]))
-        for i in tf.range(unrolled, count):
-            losses = losses.write(i, self._one_step(batches[i], learning_rates[i], owed_average_rates[i]))
-        self._update_averages(average_rates[-1])
-        self.step.assign_add(tf.cast(count, tf.int64))
-        return losses.stack()
+    def _run_call(self, batches: np.ndarray) -> np.ndarray:
+        """Up to ``train.steps_per_call`` steps in one call of the compiled loop; their losses."""
+        count, rows = len(batches), self.train.steps_per_call
+        padded = np.zeros((rows, batches.shape[1]), np.int32)  # one shape: one compiled program
+        padded[:count] = batches
+        learning_rates, decays = self._schedule(self.current_step(), count, rows)
+        weights, averages, losses = self._loop(
+            self.images, self.labels, tf.constant(padded), tf.constant(count, tf.int32),
+            tf.constant(learning_rates), tf.constant(decays),
+            [variable.read_value() for variable in self.weights], [variable.read_value() for variable in self.averages])
+        for variable, value in zip(self.weights + self.averages, weights + averages):
+            variable.assign(value)
+        self.step.assign_add(count)
+        return losses.numpy()[:count]
 
     def run_steps(self, batches: np.ndarray) -> np.ndarray:
         """One training step per row of ``batches`` (example indices); each step's mean batch
         cross-entropy (the loss without the L2 penalty, see ``penalty``)."""
         if len(batches) == 0:
             raise ValueError("run_steps needs at least one batch")
-        return self._run(tf.constant(batches)).numpy()
+        per_call = self.train.steps_per_call
+        return np.concatenate([self._run_call(np.asarray(batches[first : first + per_call], np.int32))
+                               for first in range(0, len(batches), per_call)])
+
+    @tf.function(input_signature=[])
+    def _penalty(self) -> tf.Tensor:
+        return self.l2_rate * tf.add_n([tf.nn.l2_loss(weights) for weights in self.regularised])
+
+    def penalty(self) -> float:
+        """The L2 term of the loss now: ``l2_rate`` times the sum of ||W||^2 / 2 over the weight matrices."""
+        return float(self._penalty())
 
     @tf.function(input_signature=[tf.TensorSpec([None, 784], tf.float32), tf.TensorSpec([None], tf.int32)])
     def _accuracies(self, images: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
