@@ -1,6 +1,6 @@
-"""Training speed: our fused ``Trainer.run_steps`` against Keras ``model.fit``, side by side.
+"""Training speed: our XLA-compiled ``Trainer.run_steps`` against Keras ``model.fit`` and peers, side by side.
 
-Both train the seed's network with the hyperparameters of ``params.yaml`` on the real MNIST
+All train the seed's network with the hyperparameters of ``params.yaml`` on the real MNIST
 training split (random data of the same shape, with a warning, when ``data/raw`` is missing):
 784-500-10 ReLU MLP, truncated-normal init, plain SGD at batch 100 with the staircase
 exponential learning-rate decay, L2 on the weight matrices (Keras ``L2(l2_rate / 2)`` is
@@ -28,11 +28,12 @@ Each is warmed up first (tracing and compiling, one epoch for Keras, one call fo
 then timed over ``--epochs`` epochs (550 steps each) per round; the measurements alternate for
 ``--rounds`` rounds, in a rotating order, so that background load hits all of them alike (on a
 shared 2-core machine it moves every few seconds, hence many short rounds rather than a few long
-ones). Keras is timed from the start of its first timed epoch to the end of its last (a
-callback), which leaves out ``fit``'s per-call set-up. Reported: best and median steps/s, the
-peak RSS of the process after each set-up, the median of the per-round ratios (ours / Keras and
-ours / graph trainer in the same round), and as the last line
-``ratio_vs_keras_fit=<best ours / best keras>``.
+ones). It does not hit them equally hard: the XLA loop loses its lead over the graph trainer
+when another process takes a core (README), so compare on an idle machine. Keras is timed from
+the start of its first timed epoch to the end of its last (a callback), which leaves out
+``fit``'s per-call set-up. Reported: best and median steps/s, the peak RSS of the process after
+each set-up, the median of the per-round ratios (ours / Keras and ours / graph trainer in the
+same round), and as the last line ``ratio_vs_keras_fit=<best ours / best keras>``.
 
     python bench/train_speed.py [--rounds 8] [--epochs 1] [--threads 0] [--inter-op-threads 0] [--no-per-step]
         [--no-graph] [--no-jax] [--params params.yaml] [--raw-data data/raw]
@@ -42,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import platform
 import resource
 import statistics
 import sys
@@ -172,6 +174,18 @@ def jax_runner(model: ModelParams, train: TrainParams, images: np.ndarray, label
     return timed_steps(trainer, BatchOrder(len(labels), train.batch_size, train.seed), steps, train.steps_per_call)
 
 
+def machine() -> str:
+    """The CPU the figures belong to: model name and core count (Linux), and the Python platform."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        model = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+        flags = next(line.split(":", 1)[1].split() for line in lines if line.startswith("flags"))
+        model += ", AVX-512" if "avx512f" in flags else ", AVX2" if "avx2" in flags else ""
+    except (OSError, StopIteration):
+        model = platform.processor() or "unknown CPU"
+    return f"machine: {model}, {os.cpu_count()} cores, {platform.platform()}"
+
+
 def configure_threads(intra_op: int, inter_op: int) -> str:
     """Set TensorFlow's two thread pools (before any op runs); 0 keeps TensorFlow's default, one per core."""
     tf.config.threading.set_intra_op_parallelism_threads(intra_op)
@@ -216,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--raw-data", type=Path, help="IDX files to train on; default: paths.raw_data of --params")
     args = parser.parse_args(argv)
 
+    print(machine())
     print(configure_threads(args.threads, args.inter_op_threads))
     print(f"TF {tf.__version__}, TF_ENABLE_ONEDNN_OPTS={os.environ.get('TF_ENABLE_ONEDNN_OPTS', 'unset (on)')}")
     params = load_params(args.params)

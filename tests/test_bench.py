@@ -51,6 +51,7 @@ def _run_benchmark(script: str, synthetic_source: Path, tmp_path: Path, *argumen
 def test_train_speed_benchmark_reports_all_rows_and_a_consistent_ratio(synthetic_source: Path, tmp_path: Path) -> None:
     lines = _run_benchmark("train_speed.py", synthetic_source, tmp_path, "--rounds", "2").strip().splitlines()
 
+    assert lines[0].startswith("machine: ") and " cores, " in lines[0]  # figures name their machine
     has_jax = importlib.util.find_spec("jax") is not None
     best = {}
     for name in ("keras fit", "ours", "graph trainer", "ours, 1 step/call") + (("jax scan",) if has_jax else ()):
