@@ -143,7 +143,7 @@ class TrainParams(Section):
     eval_every: int = Field(ge=1)
     checkpoint_every: int = Field(ge=1)
     keep_checkpoints: int = Field(ge=1, le=100)
-    steps_per_call: int = Field(ge=1, le=100_000)  # steps fused into one graph call (speed)
+    steps_per_call: int = Field(ge=1, le=100_000)  # steps per call of the XLA-compiled loop (speed)
     # A step whose batch cross-entropy exceeds this stops training as diverged (NaN and inf
     # always do). Chance level is ln 10 = 2.3. With the seed's settings on MNIST the loss peaks
     # at 8.8-13 at steps 1-3 (seeds 0-2), then stays under 0.6 from step 100; a rate of 3 peaks

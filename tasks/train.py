@@ -1,4 +1,4 @@
-"""Stage `train`: the seed's algorithm, fused into few graph calls, resumable from checkpoints.
+"""Stage `train`: the seed's algorithm, fused into few XLA-compiled loop calls, resumable from checkpoints.
 
 The algorithm (defaults in params.yaml reproduce the seed exactly): plain SGD on mean sparse
 softmax cross-entropy + ``l2_rate`` x sum(||W||^2 / 2) over the weight matrices; learning rate
@@ -6,7 +6,7 @@ softmax cross-entropy + ``l2_rate`` x sum(||W||^2 / 2) over the weight matrices;
 exponential moving average of every variable with decay ``min(moving_average_decay,
 (1 + step) / (10 + step))``. The first ``data.validation_size`` training images validate.
 
-Speed: ``train.steps_per_call`` steps run inside one ``tf.function`` call (a graph loop), so
+Speed: ``train.steps_per_call`` steps run inside one call of an XLA-compiled loop, so
 Python does not dispatch each step. Determinism: the initial weights and the batch order are
 pure functions of ``train.seed`` (and, for batches, of the step), so a resumed run ends with
 the same weights as an uninterrupted one.
@@ -22,7 +22,7 @@ Outputs: ``models/candidate/`` (SavedModel, EMA weights serve) and, through DVCL
 so `dvc exp show` shows a running experiment; at the end also ``SUMMARY_KEYS``: the speed and
 resume facts evaluate reads). Checkpoints go to ``checkpoints/<fingerprint>/`` (tasks/checkpoints.py),
 which DVC does not manage, so they survive the stage being re-run. Checkpoints and logging happen
-only between graph calls.
+only between loop calls.
 
     python -m tasks.train [--params params.yaml]
 """
@@ -66,7 +66,7 @@ class TrainingDiverged(RuntimeError):
 class TrainSummary:
     """``seconds`` and ``steps_per_second`` cover the whole run, across resumed sessions;
     ``final_loss`` is the training loss at the last curve point: the mean batch cross-entropy of
-    the steps since the previous graph call, plus the L2 penalty at that point."""
+    the steps since the previous loop call, plus the L2 penalty at that point."""
 
     steps: int
     resumed_from_step: int
@@ -184,7 +184,7 @@ def log_point(live: Live, point: tuple[float, ...]) -> None:
 def run_training(trainer, order: BatchOrder, train: TrainParams, validation: mnist.Split, decay_steps: int,
                  checkpoints: Checkpoints, live: Live, curve: list[tuple[float, ...]], seconds_before: float) -> float:
     """Train from the trainer's current step to ``train.steps``, logging each curve point to
-    ``live`` (DVCLive) and saving to ``checkpoints``, both only between graph calls; return the
+    ``live`` (DVCLive) and saving to ``checkpoints``, both only between loop calls; return the
     training seconds of the whole run (this session plus ``seconds_before``)."""
     step = first_step = trainer.current_step()
     started = time.perf_counter()
