@@ -7,11 +7,10 @@ Measures, side by side in one run, the wall time of
 * ``python -m flows.pipeline`` with no server configured (Prefect's temporary local server),
 
 each repeated ``--repeat`` times (median reported), and prints the overhead of each flow
-variant over the baseline. Targets (issue 5): <= 5 s against a running server, <= 15 s with
-the temporary one.
+variant over the baseline. Targets: <= 5 s against a running server, <= 15 s with the
+temporary one.
 
-    python bench/flow_overhead.py [--repo .] [--repeat 3]
-    python bench/flow_overhead.py --synthetic      # on a tiny synthetic project in a temp dir
+    python bench/flow_overhead.py [--repo .] [--repeat 3]     # --repo: any checkout of this project
 
 The repository must have been reproduced once (`dvc repro`); the benchmark runs that first.
 """
@@ -47,21 +46,13 @@ def median_time(command: list[str], repo: Path, environment: dict[str, str], rep
     return statistics.median(timed(command, repo, environment) for _ in range(repeat))
 
 
-def synthetic_project(directory: Path) -> Path:
-    from tests.conftest import make_params_document, make_project, write_synthetic
-
-    write_synthetic(directory / "source")
-    return make_project(directory / "project", make_params_document(directory / "source"))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repo", type=Path, default=ROOT)
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--synthetic", action="store_true", help="use a tiny synthetic project instead of --repo")
     args = parser.parse_args()
     scratch = Path(tempfile.mkdtemp(prefix="flow-overhead-"))
-    repo = synthetic_project(scratch) if args.synthetic else args.repo.resolve()
+    repo = args.repo.resolve()
     base = {k: v for k, v in child_environment().items() if not k.startswith("PREFECT_API")}
     dvc_repro = [sys.executable, "-m", "dvc", "repro"]
     flow = [sys.executable, "-m", "flows.pipeline", "--repo", str(repo)]
