@@ -23,7 +23,7 @@ matplotlib.use("Agg")  # no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.transforms import offset_copy  # noqa: E402
 
-from tasks.mnist import write_bytes_atomic  # noqa: E402
+from tasks.atomic import write_bytes_atomic  # noqa: E402
 
 REFERENCE = "all-optimisations"
 CONFIDENCE = 0.95

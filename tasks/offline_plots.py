@@ -21,7 +21,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from tasks.mnist import write_bytes_atomic
+from tasks.atomic import write_bytes_atomic
 
 TEMPLATE = Path(".dvc/plots-offline.html")
 # (npm package@version, file inside the package tarball, SHA-256 of that file)

@@ -39,7 +39,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
-from tasks.mnist import write_bytes_atomic
+from tasks.atomic import write_bytes_atomic
 
 ARTIFACT_NAME = "mnist-mlp"  # the model's name in DVC's model registry (dvc.yaml `artifacts:`)
 _STAGING = re.compile(r"^\.publishing-v(\d+)-")

@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from tasks import mnist
+from tasks.atomic import write_bytes_atomic
 from tasks.params import ParamsError, PromoteParams, load_params
 from tasks.production import (
     RegistryError,
@@ -148,7 +149,7 @@ def promote_candidate(promote: PromoteParams, candidate_dir: Path, data_dir: Pat
             entry["version"] = publish(candidate_dir, production, registry, entry, promote.keep_versions)
         else:
             append_registry(registry, entry)
-        mnist.write_bytes_atomic(promotion, (json.dumps(entry, indent=2) + "\n").encode())
+        write_bytes_atomic(promotion, (json.dumps(entry, indent=2) + "\n").encode())
     verdict = f"promoted as version {entry['version']}" if decision.promoted else "rejected"
     print(f"promote: {verdict}: {decision.reason}", flush=True)
     return Decision(**{**asdict(decision), "version": entry["version"]})

@@ -31,9 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -43,6 +41,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from tasks import mnist
+from tasks.atomic import staged_directory
 from tasks.params import ModelParams, Params, TrainParams, run_stage
 
 if TYPE_CHECKING:  # both load TensorFlow or DVC: imported when training actually runs
@@ -221,17 +220,6 @@ def open_live(reports_dir: Path, curve: list[tuple[float, ...]]) -> Live:
     return live
 
 
-def _export_atomically(trainer, candidate_dir: Path) -> None:
-    candidate_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=candidate_dir.parent, prefix=f".{candidate_dir.name}.partial-"))
-    try:
-        trainer.export(str(staging / "model"))
-        shutil.rmtree(candidate_dir, ignore_errors=True)
-        (staging / "model").rename(candidate_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
 def _restore(trainer, checkpoints: Checkpoints, train: TrainParams) -> tuple[list, float]:
     """Load the newest sound checkpoint of this run into ``trainer``; return (curve so far,
     seconds so far). Checkpoints that are damaged or of other params or data are passed over
@@ -273,7 +261,8 @@ def train_model(model: ModelParams, train: TrainParams, validation_size: int, da
         summary = TrainSummary(steps=train.steps, resumed_from_step=first_step, seconds=round(seconds, 3),
                                steps_per_second=round(train.steps / seconds, 1) if seconds > 0 else 0.0,
                                final_loss=curve[-1][1], validation_accuracy_raw=raw, validation_accuracy=averaged)
-        _export_atomically(trainer, Path(candidate_dir))
+        with staged_directory(Path(candidate_dir)) as staging:
+            trainer.export(str(staging))
         # Beside the last curve point DVCLive keeps there: what evaluate copies into reports/metrics.json.
         live.summary.update({key: getattr(summary, key) for key in SUMMARY_KEYS})
     print(f"train: {summary.steps} steps, {summary.steps_per_second} steps/s; validation accuracy "

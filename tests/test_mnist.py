@@ -65,14 +65,6 @@ def test_split_takes_the_first_images_for_validation(tmp_path: Path) -> None:
         mnist.load_split(tmp_path, "holdout", 100)
 
 
-def test_atomic_write_leaves_no_temporary_files(tmp_path: Path) -> None:
-    target = tmp_path / "sub" / "file.bin"
-    mnist.write_bytes_atomic(target, b"abc")
-    mnist.write_bytes_atomic(target, b"defg")
-    assert target.read_bytes() == b"defg"
-    assert [p.name for p in target.parent.iterdir()] == ["file.bin"]
-
-
 def _tamper_in_place(path: Path, offset: int) -> None:
     """Change one byte and put the size and modification time back: what DVC cannot see."""
     before = path.stat()
