@@ -34,22 +34,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import numpy as np  # noqa: E402
 
-from tasks import mnist  # noqa: E402
+from bench.train_speed import load_training  # noqa: E402  the same data, or the same random stand-in
 from tasks.params import load_params  # noqa: E402
 from tasks.train import BatchOrder, curve_point, decay_steps_for, log_point, open_live  # noqa: E402
-
-
-def _training_data(raw_data: Path, validation_size: int) -> tuple[np.ndarray, np.ndarray]:
-    try:
-        split = mnist.load_split(raw_data, "train", validation_size)
-        return split.images, split.labels
-    except (FileNotFoundError, mnist.DataError) as error:
-        print(f"WARNING: no MNIST in {raw_data} ({error}); timing random data of the same shape instead")
-        rng = np.random.default_rng(0)
-        images = rng.integers(0, 256, (60_000 - validation_size, 784), dtype=np.uint8).astype(np.float32) / 255
-        return images, rng.integers(0, 10, len(images)).astype(np.int32)
 
 
 def _timed(action: Callable[[], object]) -> float:
@@ -66,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     params = load_params(args.params)
     model, train = params.model, params.train
-    images, labels = _training_data(args.raw_data or ROOT / params.paths.raw_data, params.data.validation_size)
+    images, labels = load_training(args.raw_data or ROOT / params.paths.raw_data, params.data.validation_size)
 
     from tasks.checkpoints import Checkpoints
     from tasks.trainer import Trainer

@@ -136,3 +136,29 @@ def make_project(root: Path, document: dict[str, Any]) -> Path:
 
 def dvc(root: Path, *arguments: str, check: bool = True) -> subprocess.CompletedProcess:
     return run_command([sys.executable, "-m", "dvc", *arguments], root, check=check)
+
+
+def tree_digest(directory: Path, *, files_only: bool = False) -> str:
+    """Names and bytes of everything below ``directory`` (with ``files_only``, of its files alone:
+    DVC does not track empty directories)."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in directory.rglob("*") if p.is_file() or not files_only):
+        digest.update(str(path.relative_to(directory)).encode())
+        if path.is_file():
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def prefect_api(server: Any, query: Any) -> Any:
+    """Run ``query(client)`` against a running Prefect server from this (test) process."""
+    import asyncio
+
+    from prefect import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    async def run() -> Any:
+        async with get_client() as client:
+            return await query(client)
+
+    with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+        return asyncio.run(run())

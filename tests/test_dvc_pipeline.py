@@ -9,7 +9,7 @@ import pytest
 
 from tasks.params import IDX_FILE_NAMES
 
-from .conftest import dvc, make_params_document, make_project
+from .conftest import dvc, make_params_document, make_project, tree_digest
 
 pytestmark = pytest.mark.slow
 
@@ -37,14 +37,6 @@ def test_dvc_repro_download_with_no_good_source_fails_cleanly(tmp_path: Path, sy
     assert not (project / "dvc.lock").exists()
 
 
-def _tree_digest(directory: Path) -> str:
-    """Names and bytes of every file below ``directory`` (DVC does not track empty directories)."""
-    digest = hashlib.sha256()
-    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
-        digest.update(str(path.relative_to(directory)).encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()
-
 
 def _commit(project: Path, message: str) -> None:
     from .conftest import run_command
@@ -70,7 +62,7 @@ def test_whole_pipeline_then_a_worse_change_is_rejected(tmp_path: Path, syntheti
     for stage in ("download", "train", "evaluate", "promote"):
         assert f"Stage '{stage}' didn't change, skipping" in again.stdout
     assert "up to date" in dvc(project, "status").stdout
-    production = _tree_digest(project / "models" / "production")
+    production = tree_digest(files_only=True, directory=project / "models" / "production")
 
     document = yaml.safe_load((project / "params.yaml").read_text())
     document["train"]["steps"] = 1
@@ -78,7 +70,7 @@ def test_whole_pipeline_then_a_worse_change_is_rejected(tmp_path: Path, syntheti
     dvc(project, "repro")
     promotion = json.loads((project / "reports" / "promotion.json").read_text())
     assert promotion["promoted"] is False and "below promote.min_accuracy" in promotion["reason"]
-    assert _tree_digest(project / "models" / "production") == production
+    assert tree_digest(files_only=True, directory=project / "models" / "production") == production
     registry = json.loads((project / "models" / "registry.json").read_text())
     assert [entry["promoted"] for entry in registry] == [True, False]
 
@@ -116,8 +108,8 @@ def test_push_then_fresh_clone_and_pull_restores_everything(tmp_path: Path, synt
     run([sys.executable, "-m", "dvc", "pull"], clone)
     for restored in ("data/raw", "models/candidate", "models/production", "models/registry.json"):
         original, copy = project / restored, clone / restored
-        assert (_tree_digest(original) if original.is_dir() else original.read_bytes()) == (
-            _tree_digest(copy) if copy.is_dir() else copy.read_bytes()), restored
+        assert (tree_digest(files_only=True, directory=original) if original.is_dir() else original.read_bytes()) == (
+            tree_digest(files_only=True, directory=copy) if copy.is_dir() else copy.read_bytes()), restored
     assert "up to date" in dvc(clone, "status").stdout
     assert os.environ.get("HOME") != str(tmp_path / "home")
 

@@ -21,7 +21,7 @@ import yaml
 
 from flows.server import PrefectServer, start_server
 
-from .conftest import dvc, make_params_document, make_project, tool_environment
+from .conftest import dvc, make_params_document, make_project, prefect_api, tool_environment
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
@@ -42,18 +42,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
 def _environment(server: PrefectServer) -> dict[str, str]:
     return tool_environment() | server.client_environment() | {"PREFECT_RUNNER_POLL_FREQUENCY": "1"}
 
-
-def _api(server: PrefectServer, query):
-    """Run ``query(client)`` against the server from this (test) process."""
-    from prefect import get_client
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    async def run():
-        async with get_client() as client:
-            return await query(client)
-
-    with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
-        return asyncio.run(run())
 
 
 def _run_flow(project: Path, server: PrefectServer) -> subprocess.CompletedProcess:
@@ -86,18 +74,18 @@ def test_flow_runs_every_stage_then_skips_them_all(server: PrefectServer, tmp_pa
     first = _run_flow(project, server)
     assert first.returncode == 0, first.stdout + first.stderr
     assert "Running stage 'train'" in first.stdout + first.stderr  # stage output streamed into the run log
-    flow_run, tasks = _api(server, _latest_flow_run_tasks)
+    flow_run, tasks = prefect_api(server, _latest_flow_run_tasks)
     assert flow_run.state_name == "Completed"
     assert {name: task.state_name for name, task in tasks.items()} == {
         "download": "Completed", "train": "Completed", "evaluate": "Completed", "promote": "Completed"}
-    artifacts = _api(server, lambda client: client.read_artifacts())
+    artifacts = prefect_api(server, lambda client: client.read_artifacts())
     assert {"evaluation-metrics", "promotion-decision"} <= {artifact.key for artifact in artifacts}
     assert json.loads((project / "reports" / "promotion.json").read_text())["version"] == 1
     assert any((tmp_path / "remote" / "files").rglob("*")), "schedule.push did not push to the remote"
 
     second = _run_flow(project, server)
     assert second.returncode == 0, second.stdout + second.stderr
-    _, tasks = _api(server, _latest_flow_run_tasks)
+    _, tasks = prefect_api(server, _latest_flow_run_tasks)
     assert {task.state_name for task in tasks.values()} == {"Skipped"} and len(tasks) == 4
 
     twin = make_project(tmp_path / "repro", document | {"schedule": document["schedule"] | {"push": True}})
@@ -116,7 +104,7 @@ def test_failing_download_is_retried_then_fails_clearly(server: PrefectServer, t
     output = result.stdout + result.stderr
     assert result.returncode == 1
     assert "no source delivered verified MNIST" in output and "no-such-mirror is not a directory" in output
-    flow_run, tasks = _api(server, _latest_flow_run_tasks)
+    flow_run, tasks = prefect_api(server, _latest_flow_run_tasks)
     assert flow_run.state_name == "Failed"
     assert set(tasks) == {"download"} and tasks["download"].run_count == 2  # one try + one retry
     assert not (project / "models").exists()
@@ -129,7 +117,7 @@ def test_bad_params_fail_before_any_stage(server: PrefectServer, tmp_path: Path,
     result = _run_flow(project, server)
     assert result.returncode == 1
     assert "train.learnig_rate: unknown key (did you mean 'learning_rate'?)" in result.stdout + result.stderr
-    _, tasks = _api(server, _latest_flow_run_tasks)
+    _, tasks = prefect_api(server, _latest_flow_run_tasks)
     assert tasks == {}
 
 
@@ -184,13 +172,13 @@ def test_scheduled_deployment_registers_runs_and_never_overlaps(server: PrefectS
     project = make_project(tmp_path / "deployed", document)
     serving = _start_serving(project, server)
     try:
-        deployment = _wait_for(lambda: _api(server, _deployment), 120, "the deployment to register")
+        deployment = _wait_for(lambda: prefect_api(server, _deployment), 120, "the deployment to register")
         schedule = deployment.schedules[0]
         assert (schedule.schedule.cron, schedule.schedule.timezone, schedule.active) == (
             "30 2 * * *", "Europe/Paris", True)
         assert deployment.global_concurrency_limit.limit == 1
         assert deployment.concurrency_options.collision_strategy == "ENQUEUE"
-        _wait_for(lambda: [r for r in _api(server, lambda c: _runs_of(c, deployment.id)) if r.auto_scheduled],
+        _wait_for(lambda: [r for r in prefect_api(server, lambda c: _runs_of(c, deployment.id)) if r.auto_scheduled],
                   60, "scheduled runs to appear")
 
         first, second = sorted(_trigger_two_runs_and_wait(server), key=lambda run: run.start_time)
@@ -199,11 +187,11 @@ def test_scheduled_deployment_registers_runs_and_never_overlaps(server: PrefectS
         assert (project / "models" / "production" / "1" / "saved_model.pb").is_file()
     finally:
         _stop(serving)
-    stopped = _api(server, _deployment)
+    stopped = prefect_api(server, _deployment)
     assert stopped.schedules[0].active and not stopped.paused  # serving stopped; the schedule did not
     restarted = _start_serving(project, server)  # the schedule survives a restart of the serving process
     try:
-        again = _wait_for(lambda: (d := _api(server, _deployment)) and d.updated > stopped.updated and d, 120,
+        again = _wait_for(lambda: (d := prefect_api(server, _deployment)) and d.updated > stopped.updated and d, 120,
                           "the restarted process to register the deployment again")
         assert again.id == deployment.id and again.schedules[0].active and not again.paused
     finally:

@@ -8,7 +8,6 @@ after every kill: every version a reader can see is complete and recorded.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import signal
@@ -32,7 +31,7 @@ from tasks.production import (
     versions,
 )
 
-from .conftest import REPO_ROOT, tool_environment
+from .conftest import REPO_ROOT, tool_environment, tree_digest
 
 
 def make_model(directory: Path, seed: int, size: int = 1 << 20) -> Path:
@@ -45,14 +44,6 @@ def make_model(directory: Path, seed: int, size: int = 1 << 20) -> Path:
     (directory / "variables" / "variables.index").write_bytes(content[:512])
     return directory
 
-
-def tree_digest(directory: Path) -> str:
-    digest = hashlib.sha256()
-    for path in sorted(directory.rglob("*")):
-        digest.update(str(path.relative_to(directory)).encode())
-        if path.is_file():
-            digest.update(path.read_bytes())
-    return digest.hexdigest()
 
 
 @pytest.fixture

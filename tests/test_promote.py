@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import signal
@@ -20,7 +19,7 @@ from tasks.production import RegistryError, locked, publish, reconcile, versions
 from tasks.promote import PromotionError, promote_candidate, rollback
 from tasks.train import train_model
 
-from .conftest import REPO_ROOT, make_params_document, tool_environment, write_synthetic
+from .conftest import REPO_ROOT, make_params_document, tool_environment, tree_digest, write_synthetic
 
 
 @pytest.fixture(scope="module")
@@ -35,14 +34,6 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict:
     network.export(network.ServingModel(initial, initial, "relu"), str(root / "bad"))
     return {"good": root / "good", "bad": root / "bad", "data": root / "data", "params": params}
 
-
-def _tree_digest(directory: Path) -> str:
-    digest = hashlib.sha256()
-    for path in sorted(directory.rglob("*")):
-        digest.update(str(path.relative_to(directory)).encode())
-        if path.is_file():
-            digest.update(path.read_bytes())
-    return digest.hexdigest()
 
 
 def _promote(models: dict, tmp_path: Path, candidate: str | Path, **thresholds: float):
@@ -62,7 +53,7 @@ def test_first_candidate_needs_only_the_value_threshold(models: dict, tmp_path: 
     decision = _promote(models, tmp_path, "good")
     assert decision.promoted and decision.version == 1 and "no champion yet" in decision.reason
     assert versions(tmp_path / "production") == [1]
-    assert _tree_digest(tmp_path / "production" / "1") == _tree_digest(models["good"])
+    assert tree_digest(tmp_path / "production" / "1") == tree_digest(models["good"])
     promotion = json.loads((tmp_path / "promotion.json").read_text())
     assert promotion["promoted"] is True and promotion["version"] == 1
     entry = _registry(tmp_path)[0]
@@ -81,10 +72,10 @@ def test_better_candidate_replaces_the_re_evaluated_champion(models: dict, tmp_p
 
 def test_worse_candidate_is_rejected_and_production_untouched(models: dict, tmp_path: Path) -> None:
     _promote(models, tmp_path, "good")
-    before = _tree_digest(tmp_path / "production")
+    before = tree_digest(tmp_path / "production")
     decision = _promote(models, tmp_path, "bad", min_accuracy=0.0)
     assert not decision.promoted and "does not beat champion v1" in decision.reason
-    assert _tree_digest(tmp_path / "production") == before
+    assert tree_digest(tmp_path / "production") == before
     assert json.loads((tmp_path / "promotion.json").read_text())["promoted"] is False
     assert [entry["promoted"] for entry in _registry(tmp_path)] == [True, False]
 
@@ -103,13 +94,13 @@ def test_candidate_below_the_value_threshold_is_rejected(models: dict, tmp_path:
 
 def test_corrupt_candidate_is_rejected(models: dict, tmp_path: Path) -> None:
     _promote(models, tmp_path, "good")
-    before = _tree_digest(tmp_path / "production")
+    before = tree_digest(tmp_path / "production")
     corrupt = tmp_path / "corrupt"
     corrupt.mkdir()
     (corrupt / "saved_model.pb").write_bytes(b"\x00garbage")
     decision = _promote(models, tmp_path, corrupt)
     assert not decision.promoted and "candidate cannot be loaded" in decision.reason
-    assert _tree_digest(tmp_path / "production") == before
+    assert tree_digest(tmp_path / "production") == before
 
 
 def test_unloadable_champion_is_judged_on_the_value_threshold(models: dict, tmp_path: Path) -> None:
@@ -137,7 +128,7 @@ def test_rollback_republishes_an_earlier_version(models: dict, tmp_path: Path) -
     _publish(models["good"], tmp_path)
     _publish(models["bad"], tmp_path)
     assert rollback(production, registry, None, 5) == 3
-    assert _tree_digest(production / "3") == _tree_digest(production / "1")
+    assert tree_digest(production / "3") == tree_digest(production / "1")
     assert _registry(tmp_path)[-1] | {"time": None, "git_revision": None} == {
         "action": "rollback", "restored_version": 1, "version": 3, "replaced_version": 2,
         "time": None, "git_revision": None}
@@ -156,7 +147,7 @@ def test_publish_killed_midway_leaves_only_complete_versions(models: dict, tmp_p
     """SIGKILL a publish while it copies files (slowed down); no partial version may appear."""
     production = tmp_path / "production"
     _publish(models["good"], tmp_path)
-    before = _tree_digest(production)
+    before = tree_digest(production)
     script = (
         "import shutil, time\n"
         "from pathlib import Path\n"
@@ -175,13 +166,13 @@ def test_publish_killed_midway_leaves_only_complete_versions(models: dict, tmp_p
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert versions(production) == [1]
-    assert _tree_digest(production / "1") == _tree_digest(models["good"])
+    assert tree_digest(production / "1") == tree_digest(models["good"])
     assert [p.name for p in production.iterdir() if not p.name.startswith(".")] == ["1"]
     with locked(production):  # the next run cleans up what the killed one left
         reconcile(production, tmp_path / "registry.json")
     _publish(models["bad"], tmp_path)
     assert sorted(p.name for p in production.iterdir()) == ["1", "2"]
-    assert before != _tree_digest(production)
+    assert before != tree_digest(production)
 
 
 def test_corrupt_registry_is_a_clear_error_and_left_alone(tmp_path: Path) -> None:
@@ -206,10 +197,10 @@ def test_rollback_refuses_a_version_that_cannot_serve(models: dict, tmp_path: Pa
     _publish(models["good"], tmp_path)
     _publish(models["good"], tmp_path)
     (production / "1" / "saved_model.pb").write_bytes(b"damaged")
-    before = _tree_digest(production)
+    before = tree_digest(production)
     with pytest.raises(PromotionError, match="version 1 cannot serve, so it is not restored"):
         rollback(production, tmp_path / "registry.json", 1, 5)
-    assert _tree_digest(production) == before and len(_registry(tmp_path)) == 2
+    assert tree_digest(production) == before and len(_registry(tmp_path)) == 2
 
 
 def test_a_fresh_clone_continues_the_recorded_version_numbers(models: dict, tmp_path: Path) -> None:

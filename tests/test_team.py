@@ -34,6 +34,7 @@ from .conftest import (
     dvc,
     make_params_document,
     make_project,
+    prefect_api,
     run_command,
     synthetic_arrays,
     tool_environment,
@@ -83,17 +84,6 @@ class Team:
         return run_command(["git", "--git-dir", str(self.remote), *arguments], self.root).stdout.strip()
 
 
-def _api(server: PrefectServer, query):
-    from prefect import get_client
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    async def run():
-        async with get_client() as client:
-            return await query(client)
-
-    with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
-        return asyncio.run(run())
-
 
 def trigger(team: Team, count: int = 1) -> list:
     from prefect.deployments import run_deployment
@@ -123,7 +113,7 @@ def run_once(team: Team):
 def logs(team: Team, flow_run_id) -> str:
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
-    found = _api(team.server, lambda client: client.read_logs(
+    found = prefect_api(team.server, lambda client: client.read_logs(
         log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]))))
     return "\n".join(entry.message for entry in found)
 
@@ -140,7 +130,7 @@ def logged(team: Team, flow_run_id, text: str) -> str:
 def task_states(team: Team, flow_run_id) -> dict[str, str]:
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-    tasks = _api(team.server, lambda client: client.read_task_runs(
+    tasks = prefect_api(team.server, lambda client: client.read_task_runs(
         flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))))
     return {task.name: task.state_name for task in tasks}
 
@@ -157,7 +147,7 @@ def _wait_for(condition, timeout: float, what: str):
 def wait_for_task(team: Team, run, name: str) -> None:
     """Until task ``name`` of a running flow run has completed; fails at once if the run ended."""
     def done() -> bool:
-        flow_run = _api(team.server, lambda client: client.read_flow_run(run.id))
+        flow_run = prefect_api(team.server, lambda client: client.read_flow_run(run.id))
         assert not flow_run.state.is_final(), f"{flow_run.name} ended {flow_run.state_name} before {name} completed"
         return task_states(team, run.id).get(name) == "Completed"
 
@@ -235,7 +225,7 @@ async def _deployment(client):
 
 
 def test_prefect_deploy_registers_the_work_pool_deployment_from_params(team: Team) -> None:
-    deployment = _api(team.server, _deployment)
+    deployment = prefect_api(team.server, _deployment)
     schedule = deployment.schedules[0].schedule
     assert (schedule.cron, schedule.timezone) == ("0 3 29 2 *", "Europe/Paris")  # params.yaml, not prefect.yaml
     assert deployment.work_pool_name == POOL
@@ -250,7 +240,7 @@ def test_prefect_deploy_registers_the_work_pool_deployment_from_params(team: Tea
 def test_baseline_run_ran_the_cloned_code_and_registered_version_1(team: Team) -> None:
     from prefect.client.schemas.sorting import FlowRunSort
 
-    (first,) = _api(team.server, lambda client: client.read_flow_runs(sort=FlowRunSort.START_TIME_ASC, limit=1))
+    (first,) = prefect_api(team.server, lambda client: client.read_flow_runs(sort=FlowRunSort.START_TIME_ASC, limit=1))
     text = logged(team, first.id, "flow code from ")
     code = Path(text.split("flow code from ")[1].split(")")[0])
     assert code.name == "flows" and code.parent.name == "remote-main"  # the worker's clone of the branch
