@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import http.server
@@ -112,10 +113,9 @@ class _MirrorHandler(http.server.SimpleHTTPRequestHandler):
             type(self).failures_left -= 1
             self.send_error(503, "try again")
             return
-        try:
+        # The client refuses a body larger than it expects and hangs up: that is what is tested.
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
             super().do_GET()
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the client refused a body larger than it expects and hung up: what is tested
 
     def log_message(self, *args: object) -> None:
         pass
