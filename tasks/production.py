@@ -114,7 +114,9 @@ def tagged_versions(repository: Path) -> set[int]:
 
 def next_version(production: Path, history: list[dict]) -> int:
     """One past the highest version ever published here, recorded, or tagged in git."""
-    seen = set(versions(production)) | recorded_versions(history) | tagged_versions(Path.cwd())
+    # The tags of the repository that holds production/, whatever the working directory.
+    holder = next(directory for directory in (production, *production.absolute().parents) if directory.is_dir())
+    seen = set(versions(production)) | recorded_versions(history) | tagged_versions(holder)
     seen |= {int(match.group(1)) for entry in _dot_entries(production) if (match := _SET_ASIDE.match(entry.name))}
     return max(seen, default=0) + 1
 

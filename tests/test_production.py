@@ -74,14 +74,16 @@ def test_versions_continue_after_the_highest_recorded(store: dict[str, Path]) ->
 
 def test_versions_continue_after_the_highest_git_tag(store: dict[str, Path], tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tags count from the repository holding production/, not the working directory's."""
     repository = tmp_path / "repo"
     repository.mkdir()
     tags = [["tag", "mnist-mlp@v12.0.0"], ["tag", "mnist-mlp@v40"], ["tag", "other@v99.0.0"]]  # only GTO's form counts
     for command in (["init", "-q"], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty",
                                      "-m", "x"], *tags):
         subprocess.run(["git", *command], cwd=repository, check=True)
-    monkeypatch.chdir(repository)
-    assert next_version(store["production"], []) == 13
+    assert next_version(repository / "models" / "production", []) == 13
+    monkeypatch.chdir(repository)  # a test run from a clone full of tags must not see them
+    assert next_version(store["production"], []) == 1
 
 
 def test_reconcile_finishes_a_recorded_publication(store: dict[str, Path]) -> None:
