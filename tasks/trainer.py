@@ -45,6 +45,7 @@ class Trainer(tf.Module):
         self.activation = model.activation
         self.train, self.decay_steps = train, decay_steps
         self.l2_rate = tf.constant(train.l2_rate, tf.float32)
+        self.averaging = train.moving_average_decay > 0
         self.regularised = network.weight_matrices(self.weights)
 
     def _loss(self, weights: list[tf.Tensor], images: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
@@ -68,10 +69,12 @@ class Trainer(tf.Module):
                 loss, cross_entropy = self._loss(weights, tf.gather(images, indices), tf.gather(labels, indices))
             gradients = tape.gradient(loss, weights)
             weights = [value - learning_rates[i] * gradient for value, gradient in zip(weights, gradients)]
-            # tf.train.ExponentialMovingAverage's average -= (1 - decay) * (average - weights), written
-            # as weights + decay * (average - weights): the same to float32 rounding, and exactly the
-            # weights when decay is 0 (no moving average), which the other form is not under XLA.
-            averages = [value + decays[i] * (average - value) for average, value in zip(averages, weights)]
+            if self.averaging:
+                # tf.train.ExponentialMovingAverage's own update, the seed's arithmetic to the last bit:
+                # average -= (average - weights) * (1 - decay), with 1 - decay taken in float32.
+                averages = [average - (average - value) * (1.0 - decays[i]) for average, value in zip(averages, weights)]
+            else:  # no moving average: the "averages" are the weights themselves, exactly
+                averages = weights
             return i + 1, weights, averages, losses.write(i, cross_entropy)
 
         losses = tf.TensorArray(tf.float32, size=tf.shape(batches)[0], element_shape=[])
