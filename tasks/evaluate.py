@@ -25,7 +25,7 @@ import numpy as np
 
 from tasks import mnist, plots
 from tasks.atomic import write_bytes_atomic
-from tasks.params import EvaluateParams, Params, run_stage
+from tasks.params import EvaluateParams, Params, Paths, run_stage
 
 PARAMS_SECTIONS = ("evaluate", "data.validation_size", "data.sha256")
 
@@ -78,34 +78,33 @@ def write_plots(plots_dir: Path, test: mnist.Split, predicted: np.ndarray, curve
     plots.learning_curves(curves_dir, plots_dir / "learning_curves.png")
 
 
-def evaluate_candidate(evaluate: EvaluateParams, validation_size: int, data_dir: Path, candidate_dir: Path,
-                       train_reports: Path, metrics_path: Path, plots_dir: Path, *,
+def evaluate_candidate(evaluate: EvaluateParams, paths: Paths, *, validation_size: int,
                        data_sha256: Mapping[str, str]) -> dict:
-    """Score the candidate; write metrics.json and the plots; return the metrics.
+    """Score ``paths.candidate`` on the test and validation splits of ``paths.raw_data``; write
+    ``paths.metrics`` and the plots in ``paths.plots``; return the metrics.
 
-    ``data_sha256`` (params.yaml ``data.sha256``): the data files are checked against it first."""
+    ``validation_size`` and ``data_sha256`` are params.yaml ``data.validation_size`` and
+    ``data.sha256``; the data files are checked against the latter first."""
     from tasks.model import load_serving_model
 
-    mnist.verify_checksums(Path(data_dir), data_sha256)
-    loaded = load_serving_model(str(candidate_dir))
-    test_split = mnist.load_split(data_dir, "test", validation_size)
+    mnist.verify_checksums(paths.raw_data, data_sha256)
+    loaded = load_serving_model(str(paths.candidate))
+    test_split = mnist.load_split(paths.raw_data, "test", validation_size)
     test = score(loaded, test_split, evaluate.batch_size)
-    validation = score(loaded, mnist.load_split(data_dir, "validation", validation_size), evaluate.batch_size)
+    validation = score(loaded, mnist.load_split(paths.raw_data, "validation", validation_size), evaluate.batch_size)
     # DVCLive's layout in train's reports: metrics.json (summary) and plots/metrics/<name>.tsv (curves)
-    train_summary = json.loads((Path(train_reports) / "metrics.json").read_text())
+    train_summary = json.loads((paths.train_reports / "metrics.json").read_text())
     metrics = build_metrics(test, validation, test_split.labels, train_summary)
-    write_plots(Path(plots_dir), test_split, test.predicted, Path(train_reports) / "plots" / "metrics",
+    write_plots(paths.plots, test_split, test.predicted, paths.train_reports / "plots" / "metrics",
                 evaluate.misclassified_shown)
-    write_bytes_atomic(Path(metrics_path), (json.dumps(metrics, indent=2) + "\n").encode())
+    write_bytes_atomic(paths.metrics, (json.dumps(metrics, indent=2) + "\n").encode())
     print(f"evaluate: test accuracy {test.accuracy:.4f} (EMA) {test.accuracy_raw:.4f} (raw), "
           f"{metrics['test']['errors']} errors, loss {test.loss:.4f}; validation {validation.accuracy:.4f}", flush=True)
     return metrics
 
 
 def _evaluate_from_params(params: Params) -> dict:
-    paths = params.paths
-    return evaluate_candidate(params.evaluate, params.data.validation_size, Path(paths.raw_data),
-                              Path(paths.candidate), Path(paths.train_reports), Path(paths.metrics), Path(paths.plots),
+    return evaluate_candidate(params.evaluate, params.stage_paths, validation_size=params.data.validation_size,
                               data_sha256=params.data.sha256)
 
 

@@ -18,6 +18,7 @@ import os
 import re
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
 from functools import cache
 from pathlib import Path
@@ -92,6 +93,28 @@ class PathsParams(Section):
     production: RelativePath = "models/production"
     registry: RelativePath = "models/registry.json"
     promotion: RelativePath = "reports/promotion.json"
+
+
+@dataclass(frozen=True)
+class Paths:
+    """The one paths object every stage function takes: params.yaml ``paths`` as ``Path``s under
+    one root (the repository for `python -m tasks.<stage>`, a scratch directory in the tests)."""
+
+    raw_data: Path
+    candidate: Path
+    checkpoints: Path
+    train_reports: Path
+    metrics: Path
+    plots: Path
+    production: Path
+    registry: Path
+    promotion: Path
+
+    @classmethod
+    def under(cls, root: Path | str = ".", declared: PathsParams | None = None) -> Paths:
+        """``declared`` (default: the defaults of ``PathsParams``) relative to ``root``."""
+        relative = (declared or PathsParams()).model_dump()
+        return cls(**{name: Path(root) / value for name, value in relative.items()})
 
 
 class ClassCounts(Section):
@@ -203,6 +226,11 @@ class Params(Section):
     evaluate: EvaluateParams
     promote: PromoteParams
     schedule: ScheduleParams
+
+    @property
+    def stage_paths(self) -> Paths:
+        """``paths`` relative to the working directory, where DVC runs the stages."""
+        return Paths.under(".", self.paths)
 
     @model_validator(mode="after")
     def _batch_fits_training_set(self) -> Params:

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from tasks import mnist
 from tasks.atomic import write_bytes_atomic
-from tasks.params import ParamsError, PromoteParams, load_params
+from tasks.params import ParamsError, Paths, PromoteParams, load_params
 from tasks.production import (
     RegistryError,
     append_registry,
@@ -128,28 +128,29 @@ def _judge(promote: PromoteParams, candidate_dir: Path, production: Path, test: 
     return Decision(promoted, reason, candidate, champion_version, champion, None)
 
 
-def promote_candidate(promote: PromoteParams, candidate_dir: Path, data_dir: Path, production: Path,
-                      registry: Path, promotion: Path, params_file: Path, *,
+def promote_candidate(promote: PromoteParams, paths: Paths, params_file: Path, *,
                       data_sha256: Mapping[str, str]) -> Decision:
-    """Judge the candidate against the thresholds and the re-evaluated champion; publish if blessed.
+    """Judge ``paths.candidate`` against the thresholds and the re-evaluated champion in
+    ``paths.production``; publish it there if blessed; record the decision in ``paths.registry``
+    and ``paths.promotion``.
 
     The test files are checked against ``data_sha256`` (params.yaml ``data.sha256``) first. The
     registry records the decision before a blessed version becomes visible."""
     test_files = (mnist.TEST_IMAGES, mnist.TEST_LABELS)
-    mnist.verify_checksums(data_dir, {name: data_sha256[name] for name in test_files})
-    with locked(production):
-        _reconcile(production, registry, promotion)
-        test = mnist.load_split(data_dir, "test", validation_size=0)
-        decision = _judge(promote, candidate_dir, production, test)
-        data_files = [data_dir / name for name in test_files]
+    mnist.verify_checksums(paths.raw_data, {name: data_sha256[name] for name in test_files})
+    with locked(paths.production):
+        _reconcile(paths.production, paths.registry, paths.promotion)
+        test = mnist.load_split(paths.raw_data, "test", validation_size=0)
+        decision = _judge(promote, paths.candidate, paths.production, test)
+        data_files = [paths.raw_data / name for name in test_files]
         entry = {"action": "promote", "time": now(), "git_revision": _git_revision(),
                  "data_fingerprint": _fingerprint(data_files), "params_fingerprint": _fingerprint([params_file]),
                  **asdict(decision)}
         if decision.promoted:
-            entry["version"] = publish(candidate_dir, production, registry, entry, promote.keep_versions)
+            entry["version"] = publish(paths.candidate, paths.production, paths.registry, entry, promote.keep_versions)
         else:
-            append_registry(registry, entry)
-        write_bytes_atomic(promotion, (json.dumps(entry, indent=2) + "\n").encode())
+            append_registry(paths.registry, entry)
+        write_bytes_atomic(paths.promotion, (json.dumps(entry, indent=2) + "\n").encode())
     verdict = f"promoted as version {entry['version']}" if decision.promoted else "rejected"
     print(f"promote: {verdict}: {decision.reason}", flush=True)
     return Decision(**{**asdict(decision), "version": entry["version"]})
@@ -172,14 +173,16 @@ def _rollback_target(production: Path, to_version: int | None) -> tuple[int, int
     return target, published[-1]
 
 
-def rollback(production: Path, registry: Path, to_version: int | None, keep_versions: int) -> int:
-    """Re-publish an earlier version as the newest (so TF Serving serves it); return its number."""
+def rollback(promote: PromoteParams, paths: Paths, to_version: int | None) -> int:
+    """Re-publish an earlier version of ``paths.production`` as the newest (so TF Serving serves
+    it), recorded in ``paths.registry``; return its number. ``to_version`` None: the one before."""
+    production = paths.production
     with locked(production):
-        _reconcile(production, registry)
+        _reconcile(production, paths.registry)
         target, replaced = _rollback_target(production, to_version)
         entry = {"action": "rollback", "time": now(), "git_revision": _git_revision(),
                  "restored_version": target, "replaced_version": replaced}
-        version = publish(production / str(target), production, registry, entry, keep_versions)
+        version = publish(production / str(target), production, paths.registry, entry, promote.keep_versions)
     print(f"rollback: version {target} is now served as version {version}; record it with `dvc commit promote`")
     return version
 
@@ -192,12 +195,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         params = load_params(args.params)
-        paths = params.paths
         if args.command == "rollback":
-            rollback(Path(paths.production), Path(paths.registry), args.to, params.promote.keep_versions)
+            rollback(params.promote, params.stage_paths, args.to)
         else:
-            promote_candidate(params.promote, Path(paths.candidate), Path(paths.raw_data), Path(paths.production),
-                              Path(paths.registry), Path(paths.promotion), args.params, data_sha256=params.data.sha256)
+            promote_candidate(params.promote, params.stage_paths, args.params, data_sha256=params.data.sha256)
     except (ParamsError, PromotionError, RegistryError, mnist.DataError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -33,7 +33,7 @@ import hashlib
 import json
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -42,7 +42,7 @@ import numpy as np
 
 from tasks import mnist
 from tasks.atomic import staged_directory
-from tasks.params import ModelParams, Params, TrainParams, run_stage
+from tasks.params import ModelParams, Params, Paths, TrainParams, run_stage
 
 if TYPE_CHECKING:  # both load TensorFlow or DVC: imported when training actually runs
     from dvclive import Live
@@ -180,11 +180,20 @@ def log_point(live: Live, point: tuple[float, ...]) -> None:
         live.log_metric(name, value)
 
 
+@dataclass(frozen=True)
+class Progress:
+    """How far a run has come: its curve points so far and its training seconds (across resumes)."""
+
+    curve: tuple[tuple[float, ...], ...] = ()
+    seconds: float = 0.0
+
+
 def run_training(trainer, order: BatchOrder, train: TrainParams, validation: mnist.Split, decay_steps: int,
-                 checkpoints: Checkpoints, live: Live, curve: list[tuple[float, ...]], seconds_before: float) -> float:
+                 checkpoints: Checkpoints, live: Live, before: Progress) -> Progress:
     """Train from the trainer's current step to ``train.steps``, logging each curve point to
     ``live`` (DVCLive) and saving to ``checkpoints``, both only between loop calls; return the
-    training seconds of the whole run (this session plus ``seconds_before``)."""
+    whole run's progress (``before``, the resumed part, plus this session's)."""
+    curve, seconds_before = list(before.curve), before.seconds
     step = first_step = trainer.current_step()
     started = time.perf_counter()
     while step < train.steps:
@@ -201,10 +210,10 @@ def run_training(trainer, order: BatchOrder, train: TrainParams, validation: mni
             _progress(step, train.steps, started, first_step, curve[-1])
         if step % train.checkpoint_every == 0 or step == train.steps:
             checkpoints.save(trainer, curve, seconds_before + time.perf_counter() - started)
-    return seconds_before + time.perf_counter() - started
+    return Progress(tuple(curve), seconds_before + time.perf_counter() - started)
 
 
-def open_live(reports_dir: Path, curve: list[tuple[float, ...]]) -> Live:
+def open_live(reports_dir: Path, curve: Sequence[tuple[float, ...]]) -> Live:
     """A DVCLive logger writing to ``reports_dir``, holding ``curve`` (the points before a resume).
 
     Not DVCLive's ``resume``: `dvc repro` and `dvc exp run` delete the stage's outputs before
@@ -220,61 +229,59 @@ def open_live(reports_dir: Path, curve: list[tuple[float, ...]]) -> Live:
     return live
 
 
-def _restore(trainer, checkpoints: Checkpoints, train: TrainParams) -> tuple[list, float]:
-    """Load the newest sound checkpoint of this run into ``trainer``; return (curve so far,
-    seconds so far). Checkpoints that are damaged or of other params or data are passed over
-    with a note (tasks/checkpoints.py)."""
+def _restore(trainer, checkpoints: Checkpoints, train: TrainParams) -> Progress:
+    """Load the newest sound checkpoint of this run into ``trainer``; return its progress.
+    Checkpoints that are damaged or of other params or data are passed over with a note
+    (tasks/checkpoints.py)."""
     found, notes = checkpoints.find(train.steps, trainer.state())
     for note in notes:
         print(f"train: {note}", flush=True)
     if found is None:
         print("train: no usable checkpoint of these params and data; starting fresh" if notes else
               "train: no checkpoint; starting from step 0", flush=True)
-        return [], 0.0
+        return Progress()
     trainer.restore(found.step, found.state)
     print(f"train: resuming from {checkpoints.path(found.step)} (step {found.step} of {train.steps})", flush=True)
-    return found.curve, found.seconds
+    return Progress(tuple(found.curve), found.seconds)
 
 
-def train_model(model: ModelParams, train: TrainParams, validation_size: int, data_dir: Path,
-                candidate_dir: Path, reports_dir: Path, checkpoints_dir: Path, *,
+def train_model(model: ModelParams, train: TrainParams, paths: Paths, *, validation_size: int,
                 data_sha256: Mapping[str, str]) -> TrainSummary:
-    """Train (or resume) the seed's network and export the EMA model to ``candidate_dir``.
+    """Train (or resume) the seed's network on ``paths.raw_data`` and export the EMA model to
+    ``paths.candidate``; curves go to ``paths.train_reports``, checkpoints to ``paths.checkpoints``.
 
-    ``data_sha256`` (params.yaml ``data.sha256``): the data files are checked against it first."""
+    ``validation_size`` and ``data_sha256`` are params.yaml ``data.validation_size`` and
+    ``data.sha256``; the data files are checked against the latter first."""
     from tasks.checkpoints import Checkpoints  # TensorFlow loads only when training actually runs
 
-    mnist.verify_checksums(Path(data_dir), data_sha256)
-    training = mnist.load_split(data_dir, "train", validation_size)
-    validation = mnist.load_split(data_dir, "validation", validation_size)
+    mnist.verify_checksums(paths.raw_data, data_sha256)
+    training = mnist.load_split(paths.raw_data, "train", validation_size)
+    validation = mnist.load_split(paths.raw_data, "validation", validation_size)
     decay_steps = decay_steps_for(train, len(training.labels))
     trainer = _build_trainer(model, train, training.images, training.labels, decay_steps)
     fingerprint = run_fingerprint(model, train, validation_size, data_fingerprint(data_sha256))
-    checkpoints = Checkpoints(Path(checkpoints_dir), fingerprint, train.keep_checkpoints)
-    curve, seconds_before = _restore(trainer, checkpoints, train)
+    checkpoints = Checkpoints(paths.checkpoints, fingerprint, train.keep_checkpoints)
+    before = _restore(trainer, checkpoints, train)
     first_step = trainer.current_step()
     order = BatchOrder(len(training.labels), train.batch_size, train.seed)
-    with open_live(Path(reports_dir), curve) as live:
-        seconds = run_training(trainer, order, train, validation, decay_steps, checkpoints, live, curve,
-                               seconds_before)
+    with open_live(paths.train_reports, before.curve) as live:
+        run = run_training(trainer, order, train, validation, decay_steps, checkpoints, live, before)
         raw, averaged = trainer.accuracy(validation.images, validation.labels)
-        summary = TrainSummary(steps=train.steps, resumed_from_step=first_step, seconds=round(seconds, 3),
-                               steps_per_second=round(train.steps / seconds, 1) if seconds > 0 else 0.0,
-                               final_loss=curve[-1][1], validation_accuracy_raw=raw, validation_accuracy=averaged)
-        with staged_directory(Path(candidate_dir)) as staging:
+        summary = TrainSummary(steps=train.steps, resumed_from_step=first_step, seconds=round(run.seconds, 3),
+                               steps_per_second=round(train.steps / run.seconds, 1) if run.seconds > 0 else 0.0,
+                               final_loss=run.curve[-1][1], validation_accuracy_raw=raw, validation_accuracy=averaged)
+        with staged_directory(paths.candidate) as staging:
             trainer.export(str(staging))
         # Beside the last curve point DVCLive keeps there: what evaluate copies into reports/metrics.json.
         live.summary.update({key: getattr(summary, key) for key in SUMMARY_KEYS})
     print(f"train: {summary.steps} steps, {summary.steps_per_second} steps/s; validation accuracy "
-          f"{averaged:.4f} (EMA) {raw:.4f} (raw); model in {candidate_dir}/", flush=True)
+          f"{averaged:.4f} (EMA) {raw:.4f} (raw); model in {paths.candidate}/", flush=True)
     return summary
 
 
 def _train_from_params(params: Params) -> TrainSummary:
-    paths = params.paths
-    return train_model(params.model, params.train, params.data.validation_size, Path(paths.raw_data),
-                       Path(paths.candidate), Path(paths.train_reports), Path(paths.checkpoints),
-                       data_sha256=params.data.sha256)
+    return train_model(params.model, params.train, params.stage_paths,
+                       validation_size=params.data.validation_size, data_sha256=params.data.sha256)
 
 
 def main(argv: list[str] | None = None) -> int:

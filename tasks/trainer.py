@@ -70,9 +70,10 @@ class Trainer(tf.Module):
             gradients = tape.gradient(loss, weights)
             weights = [value - learning_rates[i] * gradient for value, gradient in zip(weights, gradients)]
             if self.averaging:
-                # tf.train.ExponentialMovingAverage's own update, the seed's arithmetic to the last bit:
+                # The update in the form tf.train.ExponentialMovingAverage (the seed's) computes it:
                 # average -= (average - weights) * (1 - decay), with 1 - decay taken in float32.
-                averages = [average - (average - value) * (1.0 - decays[i]) for average, value in zip(averages, weights)]
+                rate = 1.0 - decays[i]
+                averages = [average - (average - value) * rate for average, value in zip(averages, weights)]
             else:  # no moving average: the "averages" are the weights themselves, exactly
                 averages = weights
             return i + 1, weights, averages, losses.write(i, cross_entropy)

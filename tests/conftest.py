@@ -17,6 +17,7 @@ import hashlib
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ import yaml
 
 from tasks import mnist
 from tasks.environment import child_environment
-from tasks.params import IDX_FILE_NAMES, Params, parse_params
+from tasks.params import IDX_FILE_NAMES, Params, Paths, parse_params
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TRAIN_SIZE, TEST_SIZE = 600, 200
@@ -47,6 +48,11 @@ def synthetic_arrays(seed: int = 0) -> dict[str, np.ndarray]:
         arrays[f"{prefix}-images-idx3-ubyte"] = images
         arrays[f"{prefix}-labels-idx1-ubyte"] = labels.astype(np.uint8)
     return arrays
+
+
+def raw_data_at(directory: Path) -> Paths:
+    """The stages' paths with the raw data in ``directory`` (the others beside it)."""
+    return replace(Paths.under(directory.parent), raw_data=directory)
 
 
 def write_synthetic(directory: Path, seed: int = 0) -> dict[str, str]:

@@ -21,7 +21,7 @@ import pytest
 from tasks import download
 from tasks.params import IDX_FILE_NAMES, parse_params
 
-from .conftest import make_params_document, synthetic_arrays
+from .conftest import make_params_document, raw_data_at, synthetic_arrays
 
 
 def _data_params(sources: list[str], source_dir: Path, **extra: object):
@@ -43,7 +43,7 @@ def _leftovers(parent: Path) -> list[str]:
 
 def test_local_directory_source(tmp_path: Path, synthetic_source: Path) -> None:
     output = tmp_path / "data" / "raw"
-    served = download.download_mnist(_data_params([str(synthetic_source)], synthetic_source), output)
+    served = download.download_mnist(_data_params([str(synthetic_source)], synthetic_source), raw_data_at(output))
     assert served == str(synthetic_source)
     _assert_published(output, synthetic_source)
     assert _leftovers(output.parent) == []
@@ -55,7 +55,7 @@ def test_gzipped_file_url_source(tmp_path: Path, synthetic_source: Path) -> None
     for name in IDX_FILE_NAMES:
         (packed / f"{name}.gz").write_bytes(gzip.compress((synthetic_source / name).read_bytes()))
     output = tmp_path / "raw"
-    download.download_mnist(_data_params([packed.as_uri()], synthetic_source), output)
+    download.download_mnist(_data_params([packed.as_uri()], synthetic_source), raw_data_at(output))
     _assert_published(output, synthetic_source)
 
 
@@ -74,7 +74,8 @@ def test_bad_source_is_rejected_and_the_next_one_tried(tmp_path: Path, synthetic
     else:
         victim.unlink()
     output = tmp_path / "raw"
-    served = download.download_mnist(_data_params([str(bad), str(synthetic_source)], synthetic_source), output)
+    data = _data_params([str(bad), str(synthetic_source)], synthetic_source)
+    served = download.download_mnist(data, raw_data_at(output))
     assert served == str(synthetic_source)
     _assert_published(output, synthetic_source)
     assert _leftovers(tmp_path) == []
@@ -84,7 +85,7 @@ def test_all_sources_failing_lists_each_and_leaves_nothing(tmp_path: Path, synth
     output = tmp_path / "data" / "raw"
     sources = [str(tmp_path / "nowhere"), "http://127.0.0.1:9/mnist/"]
     with pytest.raises(download.DownloadError) as caught:
-        download.download_mnist(_data_params(sources, synthetic_source, backoff_seconds=0), output)
+        download.download_mnist(_data_params(sources, synthetic_source, backoff_seconds=0), raw_data_at(output))
     message = str(caught.value)
     assert "nowhere is not a directory" in message and "http://127.0.0.1:9/mnist/" in message
     assert not output.exists() and _leftovers(output.parent) == []
@@ -92,9 +93,9 @@ def test_all_sources_failing_lists_each_and_leaves_nothing(tmp_path: Path, synth
 
 def test_failed_download_keeps_the_previous_good_data(tmp_path: Path, synthetic_source: Path) -> None:
     output = tmp_path / "raw"
-    download.download_mnist(_data_params([str(synthetic_source)], synthetic_source), output)
+    download.download_mnist(_data_params([str(synthetic_source)], synthetic_source), raw_data_at(output))
     with pytest.raises(download.DownloadError):
-        download.download_mnist(_data_params([str(tmp_path / "nowhere")], synthetic_source), output)
+        download.download_mnist(_data_params([str(tmp_path / "nowhere")], synthetic_source), raw_data_at(output))
     _assert_published(output, synthetic_source)
 
 
@@ -102,7 +103,7 @@ def test_validation_gate_stops_a_source_with_wrong_class_counts(tmp_path: Path, 
     document = make_params_document(synthetic_source)
     document["data"]["class_counts"]["test"][0] += 1
     with pytest.raises(download.DownloadError, match="test class counts"):
-        download.download_mnist(parse_params(document).data, tmp_path / "raw")
+        download.download_mnist(parse_params(document).data, raw_data_at(tmp_path / "raw"))
 
 
 class _MirrorHandler(http.server.SimpleHTTPRequestHandler):
@@ -143,7 +144,7 @@ def test_http_mirror_retries_transient_errors(tmp_path: Path, synthetic_source: 
     url, gzip_checksums = mirror
     _MirrorHandler.failures_left = 2
     data = _data_params([url], synthetic_source, gzip_sha256=gzip_checksums, retries=2, backoff_seconds=0)
-    download.download_mnist(data, tmp_path / "raw")
+    download.download_mnist(data, raw_data_at(tmp_path / "raw"))
     _assert_published(tmp_path / "raw", synthetic_source)
     assert _MirrorHandler.failures_left == 0
 
@@ -153,14 +154,14 @@ def test_http_mirror_checksum_mismatch_is_not_retried(tmp_path: Path, synthetic_
     wrong = dict(gzip_checksums, **{"train-images-idx3-ubyte": "0" * 64})
     data = _data_params([url], synthetic_source, gzip_sha256=wrong, retries=3, backoff_seconds=30)
     with pytest.raises(download.DownloadError, match="train-images-idx3-ubyte.gz: SHA-256"):
-        download.download_mnist(data, tmp_path / "raw")  # a retry would sleep 30 s
+        download.download_mnist(data, raw_data_at(tmp_path / "raw"))  # a retry would sleep 30 s
 
 
 def test_http_404_is_permanent(tmp_path: Path, synthetic_source: Path, mirror) -> None:
     url, _ = mirror
     data = _data_params([url.replace("/mnist/", "/elsewhere/")], synthetic_source, retries=3, backoff_seconds=30)
     with pytest.raises(download.DownloadError, match="HTTP 404"):
-        download.download_mnist(data, tmp_path / "raw")
+        download.download_mnist(data, raw_data_at(tmp_path / "raw"))
 
 
 class _Boom:
@@ -263,11 +264,11 @@ def test_oversize_inputs_are_refused_within_bounded_memory(tmp_path: Path, synth
                                                            content: bytes, message: str) -> None:
     source = _source_with(tmp_path, synthetic_source, name, content)
     data = _data_params([str(source), str(synthetic_source)], synthetic_source)
-    peak = _peak_bytes(lambda: download.download_mnist(data, tmp_path / "raw"))
+    peak = _peak_bytes(lambda: download.download_mnist(data, raw_data_at(tmp_path / "raw")))
     assert peak < 16 << 20, f"peak {peak >> 20} MiB"  # the synthetic dataset is 0.6 MB; the input 64-200 MiB
     _assert_published(tmp_path / "raw", synthetic_source)  # the next source served
     with pytest.raises(download.DownloadError, match=message):
-        download.download_mnist(_data_params([str(source)], synthetic_source), tmp_path / "again")
+        download.download_mnist(_data_params([str(source)], synthetic_source), raw_data_at(tmp_path / "again"))
 
 
 def test_http_mirror_refuses_a_body_larger_than_expected(tmp_path: Path, synthetic_source: Path, mirror) -> None:
@@ -276,7 +277,7 @@ def test_http_mirror_refuses_a_body_larger_than_expected(tmp_path: Path, synthet
     served.write_bytes(np.random.default_rng(0).bytes(8 << 20))
     data = _data_params([url], synthetic_source, gzip_sha256=gzip_checksums, retries=3, backoff_seconds=30)
     with pytest.raises(download.DownloadError, match=r"8388608 bytes is more than the 471899 expected"):
-        download.download_mnist(data, tmp_path / "raw")  # refused from Content-Length, not retried
+        download.download_mnist(data, raw_data_at(tmp_path / "raw"))  # refused from Content-Length, not retried
 
 
 def test_expected_sizes_of_the_real_dataset() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -12,22 +13,26 @@ import pytest
 from tasks import mnist
 from tasks.evaluate import cross_entropy, evaluate_candidate
 from tasks.model import ModelLoadError
-from tasks.params import Params
+from tasks.params import Params, Paths
 from tasks.train import train_model
 
 
 @pytest.fixture
 def trained(params: Params, tmp_path: Path) -> Path:
     root = tmp_path / "run"
-    train_model(params.model, params.train, params.data.validation_size, Path(params.data.sources[0]),
-                root / "candidate", root / "reports" / "train", root / "checkpoints", data_sha256=params.data.sha256)
+    train_model(params.model, params.train, _paths(params, root), validation_size=params.data.validation_size,
+                data_sha256=params.data.sha256)
     return root
 
 
+def _paths(params: Params, root: Path) -> Paths:
+    """The default layout in ``root`` (reports/train, reports/metrics.json, ...), data from the params."""
+    return replace(Paths.under(root), raw_data=Path(params.data.sources[0]), candidate=root / "candidate")
+
+
 def _evaluate(params: Params, root: Path) -> dict:
-    return evaluate_candidate(params.evaluate, params.data.validation_size, Path(params.data.sources[0]),
-                              root / "candidate", root / "reports" / "train", root / "reports" / "metrics.json",
-                              root / "reports" / "plots", data_sha256=params.data.sha256)
+    return evaluate_candidate(params.evaluate, _paths(params, root), validation_size=params.data.validation_size,
+                              data_sha256=params.data.sha256)
 
 
 def test_metrics_keys_and_values(params: Params, trained: Path) -> None:

@@ -6,6 +6,7 @@ import shutil
 import struct
 import tracemalloc
 import zlib
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ import yaml
 from PIL import Image
 
 from tasks import mnist, predict
-from tasks.params import parse_params
+from tasks.params import Paths, parse_params
 from tasks.train import train_model
 
 from .conftest import make_params_document, synthetic_arrays
@@ -24,8 +25,8 @@ from .conftest import make_params_document, synthetic_arrays
 def project(tmp_path: Path, synthetic_source: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     document = make_params_document(synthetic_source)
     params = parse_params(document)
-    train_model(params.model, params.train, 100, synthetic_source, tmp_path / "candidate", tmp_path / "reports",
-                tmp_path / "checkpoints", data_sha256=params.data.sha256)
+    paths = replace(Paths.under(tmp_path), raw_data=synthetic_source, candidate=tmp_path / "candidate")
+    train_model(params.model, params.train, paths, validation_size=100, data_sha256=params.data.sha256)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(document))
     monkeypatch.chdir(tmp_path)
     return tmp_path

@@ -8,13 +8,14 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from tasks import mnist
 from tasks import model as network
-from tasks.params import PromoteParams, parse_params
+from tasks.params import Paths, PromoteParams, parse_params
 from tasks.production import RegistryError, locked, publish, reconcile, versions
 from tasks.promote import PromotionError, promote_candidate, rollback
 from tasks.train import train_model
@@ -28,8 +29,8 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("models")
     write_synthetic(root / "data")
     params = parse_params(make_params_document(root / "data"))
-    train_model(params.model, params.train, 100, root / "data", root / "good", root / "reports", root / "ckpt",
-                data_sha256=params.data.sha256)
+    paths = replace(Paths.under(root), raw_data=root / "data", candidate=root / "good")
+    train_model(params.model, params.train, paths, validation_size=100, data_sha256=params.data.sha256)
     initial = network.initial_values(params.model, seed=5)
     network.export(network.ServingModel(initial, initial, "relu"), str(root / "bad"))
     return {"good": root / "good", "bad": root / "bad", "data": root / "data", "params": params}
@@ -40,9 +41,18 @@ def _promote(models: dict, tmp_path: Path, candidate: str | Path, **thresholds: 
     settings = {"min_accuracy": 0.5, "min_improvement": 0.0001, "keep_versions": 3} | thresholds
     candidate_dir = models[candidate] if isinstance(candidate, str) else candidate
     (tmp_path / "params.yaml").write_text("fingerprinted: true\n")
-    return promote_candidate(PromoteParams(**settings), candidate_dir, models["data"], tmp_path / "production",
-                             tmp_path / "registry.json", tmp_path / "promotion.json", tmp_path / "params.yaml",
-                             data_sha256=models["params"].data.sha256)
+    return promote_candidate(PromoteParams(**settings), _paths(tmp_path, candidate_dir, models["data"]),
+                             tmp_path / "params.yaml", data_sha256=models["params"].data.sha256)
+
+
+def _paths(tmp_path: Path, candidate: Path = Path("unused"), data: Path = Path("unused")) -> Paths:
+    """Production, registry and promotion record side by side in ``tmp_path``, where the tests look."""
+    return replace(Paths.under(tmp_path), candidate=candidate, raw_data=data, production=tmp_path / "production",
+                   registry=tmp_path / "registry.json", promotion=tmp_path / "promotion.json")
+
+
+def _rollback(tmp_path: Path, to_version: int | None) -> int:
+    return rollback(PromoteParams(min_accuracy=0.5, min_improvement=0.0, keep_versions=5), _paths(tmp_path), to_version)
 
 
 def _registry(tmp_path: Path) -> list[dict]:
@@ -124,22 +134,22 @@ def test_keep_versions_prunes_the_oldest(models: dict, tmp_path: Path) -> None:
 
 
 def test_rollback_republishes_an_earlier_version(models: dict, tmp_path: Path) -> None:
-    production, registry = tmp_path / "production", tmp_path / "registry.json"
+    production = tmp_path / "production"
     _publish(models["good"], tmp_path)
     _publish(models["bad"], tmp_path)
-    assert rollback(production, registry, None, 5) == 3
+    assert _rollback(tmp_path, None) == 3
     assert tree_digest(production / "3") == tree_digest(production / "1")
     assert _registry(tmp_path)[-1] | {"time": None, "git_revision": None} == {
         "action": "rollback", "restored_version": 1, "version": 3, "replaced_version": 2,
         "time": None, "git_revision": None}
-    assert rollback(production, registry, 2, 5) == 4
+    assert _rollback(tmp_path, 2) == 4
     with pytest.raises(PromotionError, match="version 9 is not in"):
-        rollback(production, registry, 9, 5)
+        _rollback(tmp_path, 9)
 
 
 def test_rollback_with_nothing_to_restore(tmp_path: Path) -> None:
     with pytest.raises(PromotionError, match="nothing to roll back to"):
-        rollback(tmp_path / "production", tmp_path / "registry.json", None, 5)
+        _rollback(tmp_path, None)
 
 
 @pytest.mark.slow
@@ -199,7 +209,7 @@ def test_rollback_refuses_a_version_that_cannot_serve(models: dict, tmp_path: Pa
     (production / "1" / "saved_model.pb").write_bytes(b"damaged")
     before = tree_digest(production)
     with pytest.raises(PromotionError, match="version 1 cannot serve, so it is not restored"):
-        rollback(production, tmp_path / "registry.json", 1, 5)
+        _rollback(tmp_path, 1)
     assert tree_digest(production) == before and len(_registry(tmp_path)) == 2
 
 
@@ -229,7 +239,7 @@ def test_tampered_test_data_is_refused_before_anything_changes(models: dict, tmp
     labels = data / "t10k-labels-idx1-ubyte"
     labels.write_bytes(labels.read_bytes()[:-1] + bytes([(labels.read_bytes()[-1] + 1) % 10]))
     with pytest.raises(mnist.DataError, match="t10k-labels-idx1-ubyte was changed or damaged"):
-        promote_candidate(PromoteParams(min_accuracy=0.5, min_improvement=0.0, keep_versions=3), models["good"], data,
-                          tmp_path / "production", tmp_path / "registry.json", tmp_path / "promotion.json",
-                          tmp_path / "params.yaml", data_sha256=models["params"].data.sha256)
+        promote_candidate(PromoteParams(min_accuracy=0.5, min_improvement=0.0, keep_versions=3),
+                          _paths(tmp_path, models["good"], data), tmp_path / "params.yaml",
+                          data_sha256=models["params"].data.sha256)
     assert not (tmp_path / "registry.json").exists() and versions(tmp_path / "production") == []

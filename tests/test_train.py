@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ import yaml
 
 from tasks import mnist
 from tasks.checkpoints import newest_checkpoint, read_state
-from tasks.params import Params, TrainParams, parse_params
+from tasks.params import Params, Paths, TrainParams, parse_params
 from tasks.train import (
     CURVE_COLUMNS,
     BatchOrder,
@@ -112,8 +113,13 @@ def test_one_step_equals_hand_computed_sgd_with_l2_and_moving_average(params: Pa
 
 def _run(params: Params, root: Path, steps: int | None = None, **train_changes: object):
     train = params.train.model_copy(update={**train_changes, **({"steps": steps} if steps else {})})
-    return train_model(params.model, train, params.data.validation_size, Path(params.data.sources[0]),
-                       root / "candidate", root / "reports", root / "checkpoints", data_sha256=params.data.sha256)
+    return train_model(params.model, train, _paths(root, Path(params.data.sources[0])),
+                       validation_size=params.data.validation_size, data_sha256=params.data.sha256)
+
+
+def _paths(root: Path, data: Path) -> Paths:
+    """The train stage's paths in ``root``, reading the data in ``data``."""
+    return replace(Paths.under(root), raw_data=data, candidate=root / "candidate", train_reports=root / "reports")
 
 
 def _final_state(root: Path) -> dict[str, np.ndarray]:
@@ -338,8 +344,8 @@ def test_tampered_training_data_is_refused_before_use(params: Params, tmp_path: 
     content[5000] ^= 0x80
     images.write_bytes(bytes(content))
     with pytest.raises(mnist.DataError, match=f"{mnist.TRAIN_IMAGES} was changed or damaged .*dvc checkout --relink"):
-        train_model(params.model, params.train, params.data.validation_size, data, tmp_path / "candidate",
-                    tmp_path / "reports", tmp_path / "checkpoints", data_sha256=params.data.sha256)
+        train_model(params.model, params.train, _paths(tmp_path, data), validation_size=params.data.validation_size,
+                    data_sha256=params.data.sha256)
     assert not (tmp_path / "candidate").exists() and not (tmp_path / "checkpoints").exists()
 
 
