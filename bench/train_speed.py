@@ -20,6 +20,9 @@ Measured, in one process so all share the same TensorFlow thread pools:
   hand-tuned ``tf.function`` graph loop), called the same way: what the XLA loop gained.
 * ``ours, 1 step/call`` (context): our compiled loop called once per step from Python, which
   shows what per-step dispatch costs.
+* ``ours @ REV`` (with ``--baseline REV``, repeatable): ``tasks/trainer.py`` as it was at git
+  revision REV, called like ours, in the same rounds: the paired no-regression check for a
+  change to the trainer (``--baseline HEAD`` before committing, or the commit before a series).
 * ``jax scan`` (a peer a user might pick instead): bench/jax_trainer.py, ``jax.jit`` of a
   ``lax.scan`` over ``train.steps_per_call`` steps with ``jax.grad``, written plainly. Only
   when JAX is installed (``pip install -e '.[bench]'``); otherwise the row is left out, saying so.
@@ -36,7 +39,7 @@ each set-up, the median of the per-round ratios (ours / Keras and ours / graph t
 same round), and as the last line ``ratio_vs_keras_fit=<best ours / best keras>``.
 
     python bench/train_speed.py [--rounds 8] [--epochs 1] [--threads 0] [--inter-op-threads 0] [--no-per-step]
-        [--no-graph] [--no-jax] [--params params.yaml] [--raw-data data/raw]
+        [--no-graph] [--no-jax] [--baseline REV ...] [--params params.yaml] [--raw-data data/raw]
 """
 
 from __future__ import annotations
@@ -46,8 +49,10 @@ import os
 import platform
 import resource
 import statistics
+import subprocess
 import sys
 import time
+import types
 from collections.abc import Callable
 from pathlib import Path
 
@@ -142,12 +147,26 @@ def timed_steps(trainer, order: BatchOrder, steps: int, per_call: int) -> Callab
 
 
 def trainer_runner(model: ModelParams, train: TrainParams, images: np.ndarray, labels: np.ndarray,
-                   decay_steps: int, steps: int, per_call: int) -> Callable[[], float]:
-    """The train stage's Trainer, compiled for ``per_call`` steps a call."""
-    from tasks.trainer import Trainer
+                   decay_steps: int, steps: int, per_call: int,
+                   trainer_class: type | None = None) -> Callable[[], float]:
+    """The train stage's Trainer (or ``trainer_class``, an earlier version of it), ``per_call`` steps a call."""
+    if trainer_class is None:
+        from tasks.trainer import Trainer as trainer_class
 
-    trainer = Trainer(model, train.model_copy(update={"steps_per_call": per_call}), images, labels, decay_steps)
+    trainer = trainer_class(model, train.model_copy(update={"steps_per_call": per_call}), images, labels, decay_steps)
     return timed_steps(trainer, BatchOrder(len(labels), train.batch_size, train.seed), steps, per_call)
+
+
+def trainer_at(revision: str) -> type:
+    """The ``Trainer`` class of tasks/trainer.py as it was at git ``revision`` of this repository
+    (its source from `git show`, run against today's other modules)."""
+    shown = subprocess.run(["git", "show", f"{revision}:tasks/trainer.py"], cwd=ROOT, capture_output=True, text=True)
+    if shown.returncode != 0:
+        raise SystemExit(f"--baseline {revision}: {shown.stderr.strip()}")
+    module = types.ModuleType(f"trainer_at_{revision}")
+    sys.modules[module.__name__] = module
+    exec(compile(shown.stdout, f"{revision}:tasks/trainer.py", "exec"), module.__dict__)  # our own code, from git
+    return module.Trainer
 
 
 def graph_trainer_runner(model: ModelParams, train: TrainParams, images: np.ndarray, labels: np.ndarray,
@@ -204,6 +223,9 @@ def build_runners(args: argparse.Namespace, model: ModelParams, train: TrainPara
     print(f"peak RSS after Trainer set-up {peak_rss_mib():.0f} MiB")
     if not args.no_graph:
         runners["graph trainer"] = graph_trainer_runner(model, train, images, labels, decay_steps, steps)
+    for revision in args.baseline:
+        runners[f"ours @ {revision}"] = trainer_runner(model, train, images, labels, decay_steps, steps,
+                                                       train.steps_per_call, trainer_at(revision))
     if not args.no_per_step:
         runners["ours, 1 step/call"] = trainer_runner(model, train, images, labels, decay_steps, steps, 1)
     if not args.no_jax and (runner := jax_runner(model, train, images, labels, decay_steps, steps)):
@@ -226,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-per-step", action="store_true", help="skip the 1-step-per-call context row")
     parser.add_argument("--no-graph", action="store_true", help="skip the graph trainer row")
     parser.add_argument("--no-jax", action="store_true", help="skip the JAX peer row")
+    parser.add_argument("--baseline", action="append", default=[], metavar="REV",
+                        help="add tasks/trainer.py as it was at git revision REV as a row (repeatable)")
     parser.add_argument("--params", type=Path, default=ROOT / "params.yaml")
     parser.add_argument("--raw-data", type=Path, help="IDX files to train on; default: paths.raw_data of --params")
     args = parser.parse_args(argv)
@@ -249,12 +273,13 @@ def main(argv: list[str] | None = None) -> int:
             rates[name].append(runners[name]())
         print(f"  round {round_ + 1}: " + " | ".join(f"{name} {rates[name][-1]:.1f}" for name in names), flush=True)
 
-    print(f"\n{'':<18} {'best':>8} {'median':>8}  steps/s")
+    width = max(18, *(len(name) for name in rates))
+    print(f"\n{'':<{width}} {'best':>8} {'median':>8}  steps/s")
     for name, values in rates.items():
-        print(f"{name:<18} {max(values):8.1f} {statistics.median(values):8.1f}")
+        print(f"{name:<{width}} {max(values):8.1f} {statistics.median(values):8.1f}")
     print(f"peak RSS {peak_rss_mib():.0f} MiB (whole process: data, Keras and every trainer)")
     print(f"ours / keras fit: median of per-round ratios {paired_ratio(rates, 'ours', 'keras fit'):.2f}")
-    for other in ("graph trainer", "jax scan"):
+    for other in ("graph trainer", "jax scan", *(f"ours @ {revision}" for revision in args.baseline)):
         if other in rates:
             print(f"ours / {other}: best / best {max(rates['ours']) / max(rates[other]):.2f}, "
                   f"median of per-round ratios {paired_ratio(rates, 'ours', other):.2f}")

@@ -4,7 +4,8 @@ trainers they compare ours with train the same algorithm.
 Speed itself is not asserted (that is what the benchmarks are for). These tests keep the
 benchmarks working and honest, on tiny synthetic data:
 
-- train_speed.py measures every row, and ``ratio_vs_keras_fit`` = best ours / best Keras fit;
+- train_speed.py measures every row (with ``--baseline``, the trainer of an earlier commit too),
+  and ``ratio_vs_keras_fit`` = best ours / best Keras fit;
   without JAX it leaves the JAX row out and says so;
 - the graph trainer and the JAX peer end with the weights of the train stage's Trainer (to
   float32 rounding): the rows race the same computation;
@@ -49,12 +50,14 @@ def _run_benchmark(script: str, synthetic_source: Path, tmp_path: Path, *argumen
 
 @pytest.mark.slow
 def test_train_speed_benchmark_reports_all_rows_and_a_consistent_ratio(synthetic_source: Path, tmp_path: Path) -> None:
-    lines = _run_benchmark("train_speed.py", synthetic_source, tmp_path, "--rounds", "2").strip().splitlines()
+    lines = _run_benchmark("train_speed.py", synthetic_source, tmp_path, "--rounds", "2",
+                           "--baseline", "HEAD").strip().splitlines()
 
     assert lines[0].startswith("machine: ") and " cores, " in lines[0]  # figures name their machine
     has_jax = importlib.util.find_spec("jax") is not None
     best = {}
-    for name in ("keras fit", "ours", "graph trainer", "ours, 1 step/call") + (("jax scan",) if has_jax else ()):
+    rows = ("keras fit", "ours", "graph trainer", "ours @ HEAD", "ours, 1 step/call")
+    for name in rows + (("jax scan",) if has_jax else ()):
         row = next(line for line in lines if re.fullmatch(rf"{re.escape(name)}\s+[\d.]+\s+[\d.]+", line))
         best[name] = float(row.split()[-2])
         assert best[name] > 0
@@ -62,6 +65,7 @@ def test_train_speed_benchmark_reports_all_rows_and_a_consistent_ratio(synthetic
     assert float(lines[-1].split("=")[1]) == pytest.approx(best["ours"] / best["keras fit"], abs=0.011)
     graph = next(line for line in lines if line.startswith("ours / graph trainer: best / best "))
     assert float(graph.split()[7].rstrip(",")) == pytest.approx(best["ours"] / best["graph trainer"], abs=0.011)
+    assert any(line.startswith("ours / ours @ HEAD: best / best ") for line in lines)  # the paired check
     assert not any("floor" in line for line in lines)
 
 
