@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -41,7 +42,8 @@ from .conftest import (
     write_synthetic,
 )
 
-pytestmark = [pytest.mark.server, pytest.mark.slow]
+# One group: under `pytest -n`, one worker runs the whole module, in file order, on its one team.
+pytestmark = [pytest.mark.server, pytest.mark.slow, pytest.mark.xdist_group("team")]
 
 DEPLOYMENT = "mnist-pipeline/nightly-retrain"
 POOL = "mnist-pool"
@@ -210,13 +212,9 @@ def team(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Team]:
         _completed(team, baseline)
         yield team
     finally:
-        if team.worker is not None:
-            team.worker.terminate()
-            try:
-                team.worker.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(team.worker.pid, 9)
-                team.worker.wait()
+        if team.worker is not None:  # the last test leaves a run behind: no graceful shutdown to wait for
+            os.killpg(team.worker.pid, signal.SIGKILL)
+            team.worker.wait()
         server.stop()
 
 
