@@ -25,8 +25,11 @@ run: $(STAMP)
 	$(PYTHON) -m flows.team pull
 	dvc repro
 
+# Three test processes on two cores: end-to-end tests spend much of their time waiting on child
+# processes (DVC, Prefect servers and workers), so a third process fills the gaps.
+TEST_WORKERS ?= 3
 test: $(STAMP)
-	$(PYTHON) -m pytest
+	$(PYTHON) -m pytest -n $(TEST_WORKERS)
 
 test-fast: $(STAMP)
 	$(PYTHON) -m pytest -m "not slow and not server and not real"

@@ -6,6 +6,15 @@ counts, and `make_params` derives a valid params document from the repository's 
 
 from __future__ import annotations
 
+import os
+
+# One TensorFlow thread per process, here and in every stage the tests start (they inherit the
+# environment): the models are tiny, and `pytest -n` runs several processes on a few cores, where
+# TensorFlow's default (a spinning thread per core in each) burns the cores the others need.
+# Set before TensorFlow loads; a variable the caller set wins.
+os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "1")
+os.environ.setdefault("TF_NUM_INTEROP_THREADS", "1")
+
 # Prefect configures logging with dictConfig when first imported, which closes every existing
 # handler; absl's handler (created when TensorFlow loads) then closes the stream it holds, which
 # under pytest is the capture file, and the session dies with "I/O operation on closed file".
@@ -168,3 +177,26 @@ def prefect_api(server: Any, query: Any) -> Any:
 
     with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
         return asyncio.run(run())
+
+
+# --- the suite on several processes (`pytest -n N`, as `make test` runs it) ------------------------
+
+# Modules whose tests build on one module fixture, in file order (a team's remote, a Prefect
+# server): under `pytest -n` each runs whole on one worker.
+SHARED_STATE_MODULES = {"tests/test_team.py", "tests/test_flows.py"}
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """Schedule the modules of SHARED_STATE_MODULES whole and every other test alone, so the long
+    end-to-end tests of one module run side by side. (pytest-xdist's ``xdist_group`` marks would
+    say the same, but under pytest 9 they take no effect: xdist renames the test ids through an
+    attribute pytest 9 no longer reads.) The biggest units go first: the whole modules."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SharedModulesWhole(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return module if module in SHARED_STATE_MODULES else nodeid
+
+    return SharedModulesWhole(config, log)

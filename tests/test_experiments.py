@@ -159,11 +159,9 @@ def test_rows_report_divergence_failure_and_missing_runs(tmp_path: Path, params:
 
 
 def _project(tmp_path: Path, synthetic_source: Path, **train: object) -> Path:
-    project = make_project(tmp_path / "project", make_params_document(synthetic_source, train=train))
-    dvc(project, "repro", "evaluate")
-    run_command(["git", "add", "-A"], project)
-    run_command(["git", "commit", "-q", "-m", "baseline"], project)
-    return project
+    """A committed project in which nothing has run yet, as in a fresh clone: each experiment
+    downloads (here: copies) the data itself."""
+    return make_project(tmp_path / "project", make_params_document(synthetic_source, train=train))
 
 
 def _experiments(project: Path, *arguments: str, check: bool = True) -> subprocess.CompletedProcess:

@@ -42,8 +42,7 @@ from .conftest import (
     write_synthetic,
 )
 
-# One group: under `pytest -n`, one worker runs the whole module, in file order, on its one team.
-pytestmark = [pytest.mark.server, pytest.mark.slow, pytest.mark.xdist_group("team")]
+pytestmark = [pytest.mark.server, pytest.mark.slow]  # under `pytest -n`: one worker, whole (conftest.py)
 
 DEPLOYMENT = "mnist-pipeline/nightly-retrain"
 POOL = "mnist-pool"
