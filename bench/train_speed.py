@@ -45,14 +45,16 @@ same round), and as the last line ``ratio_vs_keras_fit=<best ours / best keras>`
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import platform
+import re
 import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
-import types
 from collections.abc import Callable
 from pathlib import Path
 
@@ -157,15 +159,19 @@ def trainer_runner(model: ModelParams, train: TrainParams, images: np.ndarray, l
     return timed_steps(trainer, BatchOrder(len(labels), train.batch_size, train.seed), steps, per_call)
 
 
-def trainer_at(revision: str) -> type:
+def trainer_at(revision: str, scratch: Path) -> type:
     """The ``Trainer`` class of tasks/trainer.py as it was at git ``revision`` of this repository
-    (its source from `git show`, run against today's other modules)."""
+    (its source from `git show`, written to ``scratch`` and imported against today's other modules)."""
     shown = subprocess.run(["git", "show", f"{revision}:tasks/trainer.py"], cwd=ROOT, capture_output=True, text=True)
     if shown.returncode != 0:
         raise SystemExit(f"--baseline {revision}: {shown.stderr.strip()}")
-    module = types.ModuleType(f"trainer_at_{revision}")
-    sys.modules[module.__name__] = module
-    exec(compile(shown.stdout, f"{revision}:tasks/trainer.py", "exec"), module.__dict__)  # our own code, from git
+    name = f"trainer_at_{re.sub(r'[^0-9A-Za-z_]', '_', revision)}"
+    path = scratch / f"{name}.py"  # a real file: tf.function's AutoGraph reads the source
+    path.write_text(shown.stdout)
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
     return module.Trainer
 
 
@@ -225,7 +231,7 @@ def build_runners(args: argparse.Namespace, model: ModelParams, train: TrainPara
         runners["graph trainer"] = graph_trainer_runner(model, train, images, labels, decay_steps, steps)
     for revision in args.baseline:
         runners[f"ours @ {revision}"] = trainer_runner(model, train, images, labels, decay_steps, steps,
-                                                       train.steps_per_call, trainer_at(revision))
+                                                       train.steps_per_call, trainer_at(revision, args.scratch))
     if not args.no_per_step:
         runners["ours, 1 step/call"] = trainer_runner(model, train, images, labels, decay_steps, steps, 1)
     if not args.no_jax and (runner := jax_runner(model, train, images, labels, decay_steps, steps)):
@@ -265,7 +271,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(labels)} training examples, batch {train.batch_size}, {steps} timed steps per round, "
           f"{args.rounds} rounds; peak RSS after loading data {peak_rss_mib():.0f} MiB")
 
-    runners = build_runners(args, model, train, images, labels, decay_steps, steps)
+    with tempfile.TemporaryDirectory() as scratch:  # the --baseline trainers' sources
+        args.scratch = Path(scratch)
+        runners = build_runners(args, model, train, images, labels, decay_steps, steps)
     rates: dict[str, list[float]] = {name: [] for name in runners}
     names = list(runners)
     for round_ in range(args.rounds):
