@@ -11,7 +11,11 @@ import os
 # One TensorFlow thread per process, here and in every stage the tests start (they inherit the
 # environment): the models are tiny, and `pytest -n` runs several processes on a few cores, where
 # TensorFlow's default (a spinning thread per core in each) burns the cores the others need.
-# Set before TensorFlow loads; a variable the caller set wins.
+# Set before TensorFlow loads; a variable the caller set wins. Tests of bit-for-bit results
+# across processes run their children with TensorFlow's defaults again (with_default_threads);
+# MNIST_TESTS_SET_THREADS names what this file set; `pytest -n` workers inherit it with the rest.
+os.environ.setdefault("MNIST_TESTS_SET_THREADS", ",".join(
+    name for name in ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS") if name not in os.environ))
 os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "1")
 os.environ.setdefault("TF_NUM_INTEROP_THREADS", "1")
 
@@ -122,6 +126,13 @@ def tool_environment() -> dict[str, str]:
     environment = child_environment(PYTHONPATH="")
     environment.pop("PYTEST_CURRENT_TEST", None)
     return environment
+
+
+def with_default_threads(environment: dict[str, str]) -> dict[str, str]:
+    """``environment`` without the one-thread setting above: a child runs TensorFlow with its
+    default thread pools, as `dvc repro` does, for tests whose point is bit-for-bit results."""
+    set_here = {"MNIST_TESTS_SET_THREADS", *os.environ["MNIST_TESTS_SET_THREADS"].split(",")}
+    return {name: value for name, value in environment.items() if name not in set_here}
 
 
 def run_command(command: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:

@@ -29,7 +29,15 @@ from tasks.train import (
 )
 from tasks.trainer import Trainer
 
-from .conftest import dvc, make_params_document, make_project, run_command, tool_environment, write_synthetic
+from .conftest import (
+    dvc,
+    make_params_document,
+    make_project,
+    run_command,
+    tool_environment,
+    with_default_threads,
+    write_synthetic,
+)
 from .test_checkpoints import DAMAGES
 
 
@@ -194,7 +202,8 @@ def test_killed_stage_resumes_to_identical_weights(tmp_path: Path, synthetic_sou
         roots.append(root)
     killed, clean = roots
     command = [sys.executable, "-m", "tasks.train"]
-    environment = tool_environment() | {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    # TensorFlow's default threads, as in `dvc repro`: resume must be exact with them.
+    environment = with_default_threads(tool_environment() | {"PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     process = subprocess.Popen(command, cwd=killed, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 120
     loss_curve = killed / "reports" / "train" / "plots" / "metrics" / "loss.tsv"
