@@ -229,9 +229,9 @@ def build_runners(args: argparse.Namespace, model: ModelParams, train: TrainPara
     print(f"peak RSS after Trainer set-up {peak_rss_mib():.0f} MiB")
     if not args.no_graph:
         runners["graph trainer"] = graph_trainer_runner(model, train, images, labels, decay_steps, steps)
-    for revision in args.baseline:
+    for revision, trainer_class in args.baseline_classes.items():
         runners[f"ours @ {revision}"] = trainer_runner(model, train, images, labels, decay_steps, steps,
-                                                       train.steps_per_call, trainer_at(revision, args.scratch))
+                                                       train.steps_per_call, trainer_class)
     if not args.no_per_step:
         runners["ours, 1 step/call"] = trainer_runner(model, train, images, labels, decay_steps, steps, 1)
     if not args.no_jax and (runner := jax_runner(model, train, images, labels, decay_steps, steps)):
@@ -272,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.rounds} rounds; peak RSS after loading data {peak_rss_mib():.0f} MiB")
 
     with tempfile.TemporaryDirectory() as scratch:  # the --baseline trainers' sources
-        args.scratch = Path(scratch)
+        # Before any set-up: a revision git does not know fails at once.
+        args.baseline_classes = {revision: trainer_at(revision, Path(scratch)) for revision in args.baseline}
         runners = build_runners(args, model, train, images, labels, decay_steps, steps)
     rates: dict[str, list[float]] = {name: [] for name in runners}
     names = list(runners)
