@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tasks.params import TrainParams
-from tasks.train import learning_rate_at, moving_average_decay_at
+from tasks.train import learning_rates, moving_average_decays
 
 
 def _logits(variables: Sequence[jax.Array], images: jax.Array, activation: str) -> jax.Array:
@@ -64,11 +64,10 @@ class JaxTrainer:
     def run_steps(self, batches: np.ndarray) -> np.ndarray:
         """One step per row of ``batches``; each step's mean cross-entropy. Each distinct number
         of rows compiles once."""
-        steps = range(self.step, self.step + len(batches))
-        learning_rates = np.array([learning_rate_at(step, self.train, self.decay_steps) for step in steps], np.float32)
-        decays = np.array([moving_average_decay_at(step, self.train) for step in steps], np.float32)
+        steps = np.arange(self.step, self.step + len(batches))
+        rates, decays = learning_rates(self.train, self.decay_steps, steps), moving_average_decays(self.train, steps)
         self.weights, self.averages, losses = self._run(
-            self.weights, self.averages, self.images, self.labels, batches, learning_rates, decays)
+            self.weights, self.averages, self.images, self.labels, batches, rates, decays)
         self.step += len(batches)
         return np.asarray(losses)
 

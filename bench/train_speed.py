@@ -20,9 +20,10 @@ Measured, in one process so all share the same TensorFlow thread pools:
   hand-tuned ``tf.function`` graph loop), called the same way: what the XLA loop gained.
 * ``ours, 1 step/call`` (context): our compiled loop called once per step from Python, which
   shows what per-step dispatch costs.
-* ``ours @ REV`` (with ``--baseline REV``, repeatable): ``tasks/trainer.py`` as it was at git
-  revision REV, called like ours, in the same rounds: the paired no-regression check for a
-  change to the trainer (``--baseline HEAD`` before committing, or the commit before a series).
+* ``ours @ REV`` (with ``--baseline REV``, repeatable): ``tasks/trainer.py``, with the rest of
+  ``tasks/``, as it was at git revision REV, called like ours, in the same rounds: the paired
+  no-regression check for a change to the trainer (``--baseline HEAD`` before committing, or
+  the commit before a series).
 * ``jax scan`` (a peer a user might pick instead): bench/jax_trainer.py, ``jax.jit`` of a
   ``lax.scan`` over ``train.steps_per_call`` steps with ``jax.grad``, written plainly. Only
   when JAX is installed (``pip install -e '.[bench]'``); otherwise the row is left out, saying so.
@@ -45,7 +46,7 @@ same round), and as the last line ``ratio_vs_keras_fit=<best ours / best keras>`
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import importlib
 import os
 import platform
 import re
@@ -159,20 +160,26 @@ def trainer_runner(model: ModelParams, train: TrainParams, images: np.ndarray, l
     return timed_steps(trainer, BatchOrder(len(labels), train.batch_size, train.seed), steps, per_call)
 
 
-def trainer_at(revision: str, scratch: Path) -> type:
-    """The ``Trainer`` class of tasks/trainer.py as it was at git ``revision`` of this repository
-    (its source from `git show`, written to ``scratch`` and imported against today's other modules)."""
-    shown = subprocess.run(["git", "show", f"{revision}:tasks/trainer.py"], cwd=ROOT, capture_output=True, text=True)
+def _git(*arguments: str) -> str:
+    shown = subprocess.run(["git", *arguments], cwd=ROOT, capture_output=True, text=True)
     if shown.returncode != 0:
-        raise SystemExit(f"--baseline {revision}: {shown.stderr.strip()}")
-    name = f"trainer_at_{re.sub(r'[^0-9A-Za-z_]', '_', revision)}"
-    path = scratch / f"{name}.py"  # a real file: tf.function's AutoGraph reads the source
-    path.write_text(shown.stdout)
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module.Trainer
+        raise SystemExit(f"--baseline: git {' '.join(arguments)}: {shown.stderr.strip()}")
+    return shown.stdout
+
+
+def trainer_at(revision: str, scratch: Path) -> type:
+    """The ``Trainer`` class of tasks/trainer.py as it was at git ``revision`` of this repository,
+    with the rest of that revision's ``tasks`` package (its helpers, e.g. the schedules), copied
+    to ``scratch`` as package ``tasks_at_<revision>`` (real files: tf.function's AutoGraph reads
+    the source). Today's params objects are passed in, so the revision must accept them."""
+    package = f"tasks_at_{re.sub(r'[^0-9A-Za-z_]', '_', revision)}"
+    (scratch / package).mkdir()
+    for path in _git("ls-tree", "--name-only", f"{revision}:tasks/").split():
+        if path.endswith(".py"):
+            source = _git("show", f"{revision}:tasks/{path}")
+            (scratch / package / path).write_text(re.sub(r"\b(from|import) tasks\b", rf"\1 {package}", source))
+    sys.path.insert(0, str(scratch))
+    return importlib.import_module(f"{package}.trainer").Trainer
 
 
 def graph_trainer_runner(model: ModelParams, train: TrainParams, images: np.ndarray, labels: np.ndarray,

@@ -4,7 +4,8 @@ The algorithm (defaults in params.yaml reproduce the seed exactly): plain SGD on
 softmax cross-entropy + ``l2_rate`` x sum(||W||^2 / 2) over the weight matrices; learning rate
 ``learning_rate x learning_rate_decay ^ floor(step / decay_steps)``; after every step an
 exponential moving average of every variable with decay ``min(moving_average_decay,
-(1 + step) / (10 + step))``. The first ``data.validation_size`` training images validate.
+(1 + step) / (10 + step))``. Both schedules are worked in float32, as TensorFlow works them.
+The first ``data.validation_size`` training images validate.
 
 Speed: ``train.steps_per_call`` steps run inside one call of an XLA-compiled loop, so
 Python does not dispatch each step. Determinism: the initial weights and the batch order are
@@ -76,14 +77,28 @@ class TrainSummary:
     validation_accuracy: float
 
 
+def learning_rates(train: TrainParams, decay_steps: int, steps: np.ndarray) -> np.ndarray:
+    """The learning rate of each of ``steps``: ``learning_rate x learning_rate_decay ^
+    floor(step / decay_steps)`` in float32, as the seed's ``tf.train.exponential_decay`` (today
+    Keras ``ExponentialDecay``) works it out for one step: rate and decay rounded to float32, the
+    power rounded once. TensorFlow's scalar ``pow`` gives these values at every level of the
+    seed's run; its vectorised ``pow`` differs in the last bit at some, and working in float64
+    then rounding differs at 51 of 55 levels (tests/test_train.py)."""
+    levels = np.floor_divide(np.asarray(steps, np.int64), decay_steps)
+    powers = (np.float64(np.float32(train.learning_rate_decay)) ** levels).astype(np.float32)
+    return np.float32(train.learning_rate) * powers
+
+
+def moving_average_decays(train: TrainParams, steps: np.ndarray) -> np.ndarray:
+    """The moving average's decay at each of ``steps``: ``min(moving_average_decay, (1 + step) /
+    (10 + step))``, slow at first, in float32 as ``tf.train.ExponentialMovingAverage`` with
+    ``num_updates`` works it out."""
+    updates = np.asarray(steps).astype(np.float32)
+    return np.minimum(np.float32(train.moving_average_decay), (np.float32(1) + updates) / (np.float32(10) + updates))
+
+
 def learning_rate_at(step: int, train: TrainParams, decay_steps: int) -> float:
-    """The seed's staircase exponential decay."""
-    return train.learning_rate * train.learning_rate_decay ** (step // decay_steps)
-
-
-def moving_average_decay_at(step: int, train: TrainParams) -> float:
-    """tf.train.ExponentialMovingAverage with num_updates: slow at first, then the set decay."""
-    return min(train.moving_average_decay, (1 + step) / (10 + step))
+    return float(learning_rates(train, decay_steps, np.array([step]))[0])
 
 
 def decay_steps_for(train: TrainParams, training_size: int) -> int:

@@ -25,7 +25,7 @@ import tensorflow as tf
 
 from tasks import model as network
 from tasks.params import ModelParams, TrainParams
-from tasks.train import learning_rate_at, moving_average_decay_at
+from tasks.train import learning_rates, moving_average_decays
 
 
 class Trainer(tf.Module):
@@ -57,7 +57,7 @@ class Trainer(tf.Module):
 
     @tf.function(jit_compile=True)
     def _loop(self, images: tf.Tensor, labels: tf.Tensor, batches: tf.Tensor, count: tf.Tensor,
-              learning_rates: tf.Tensor, decays: tf.Tensor, weights: list[tf.Tensor],
+              rates: tf.Tensor, decays: tf.Tensor, weights: list[tf.Tensor],
               averages: list[tf.Tensor]) -> tuple[list[tf.Tensor], list[tf.Tensor], tf.Tensor]:
         """The first ``count`` steps of ``batches``: plain SGD, then the moving average, per step."""
 
@@ -68,7 +68,7 @@ class Trainer(tf.Module):
                 tape.watch(weights)
                 loss, cross_entropy = self._loss(weights, tf.gather(images, indices), tf.gather(labels, indices))
             gradients = tape.gradient(loss, weights)
-            weights = [value - learning_rates[i] * gradient for value, gradient in zip(weights, gradients)]
+            weights = [value - rates[i] * gradient for value, gradient in zip(weights, gradients)]
             if self.averaging:
                 # The update in the form tf.train.ExponentialMovingAverage (the seed's) computes it:
                 # average -= (average - weights) * (1 - decay), with 1 - decay taken in float32.
@@ -85,22 +85,22 @@ class Trainer(tf.Module):
 
     def _schedule(self, first_step: int, count: int, rows: int) -> tuple[np.ndarray, np.ndarray]:
         """Learning rate and moving-average decay of the ``count`` steps from ``first_step``, as
-        tasks/train.py defines them (float64, then rounded to float32 as the variables are),
-        padded with zeros to ``rows``."""
-        learning_rates, decays, steps = np.zeros(rows, np.float32), np.zeros(rows, np.float32), range(count)
-        learning_rates[:count] = [learning_rate_at(first_step + i, self.train, self.decay_steps) for i in steps]
-        decays[:count] = [moving_average_decay_at(first_step + i, self.train) for i in steps]
-        return learning_rates, decays
+        tasks/train.py defines them (float32, as TensorFlow works them), padded with zeros to ``rows``."""
+        steps = np.zeros(rows, np.int64)
+        steps[:count] = np.arange(first_step, first_step + count)
+        rates, decays = learning_rates(self.train, self.decay_steps, steps), moving_average_decays(self.train, steps)
+        rates[count:], decays[count:] = 0.0, 0.0
+        return rates, decays
 
     def _run_call(self, batches: np.ndarray) -> np.ndarray:
         """Up to ``train.steps_per_call`` steps in one call of the compiled loop; their losses."""
         count, rows = len(batches), self.train.steps_per_call
         padded = np.zeros((rows, batches.shape[1]), np.int32)  # one shape: one compiled program
         padded[:count] = batches
-        learning_rates, decays = self._schedule(self.current_step(), count, rows)
+        rates, decays = self._schedule(self.current_step(), count, rows)
         weights, averages, losses = self._loop(
             self.images, self.labels, tf.constant(padded), tf.constant(count, tf.int32),
-            tf.constant(learning_rates), tf.constant(decays),
+            tf.constant(rates), tf.constant(decays),
             [variable.read_value() for variable in self.weights], [variable.read_value() for variable in self.averages])
         for variable, value in zip(self.weights + self.averages, weights + averages):
             variable.assign(value)

@@ -24,7 +24,8 @@ from tasks.train import (
     BatchOrder,
     TrainingDiverged,
     learning_rate_at,
-    moving_average_decay_at,
+    learning_rates,
+    moving_average_decays,
     train_model,
 )
 from tasks.trainer import Trainer
@@ -61,20 +62,39 @@ def _shared_source() -> Path:
 
 def test_staircase_learning_rate() -> None:
     train = _train_params(learning_rate=0.8, learning_rate_decay=0.99)
-    assert learning_rate_at(0, train, 550) == 0.8
-    assert learning_rate_at(549, train, 550) == 0.8
-    assert learning_rate_at(550, train, 550) == pytest.approx(0.8 * 0.99)
-    assert learning_rate_at(29999, train, 550) == pytest.approx(0.8 * 0.99**54)
-    assert learning_rate_at(10_000, _train_params(learning_rate_decay=1.0), 550) == _train_params().learning_rate
+    rates = learning_rates(train, 550, np.array([0, 549, 550, 1099, 1100, 29999]))
+    assert rates.dtype == np.float32
+    assert rates[0] == rates[1] == np.float32(0.8)
+    assert rates[2] == rates[3] == pytest.approx(0.8 * 0.99, rel=1e-6)
+    assert rates[4] == pytest.approx(0.8 * 0.99**2, rel=1e-6)
+    assert rates[5] == pytest.approx(0.8 * 0.99**54, rel=1e-6) == learning_rate_at(29999, train, 550)
+    no_decay = learning_rates(_train_params(learning_rate_decay=1.0), 550, np.arange(0, 30000, 97))
+    assert set(no_decay.tolist()) == {np.float32(_train_params().learning_rate)}
+
+
+def test_learning_rate_is_worked_out_as_tensorflow_works_the_seeds() -> None:
+    """Bit for bit what Keras ExponentialDecay (the seed's tf.train.exponential_decay) gives for
+    one step at a time, at every level of the seed's 30000 steps; float64 rounded at the end would not be."""
+    import keras
+    import tensorflow as tf
+
+    train = _train_params(learning_rate=0.8, learning_rate_decay=0.99)
+    schedule = keras.optimizers.schedules.ExponentialDecay(0.8, 550, 0.99, staircase=True)
+    steps = np.arange(0, 30000, 275)
+    expected = np.array([np.float32(schedule(tf.constant(step, tf.int64))) for step in steps])
+    assert np.array_equal(learning_rates(train, 550, steps), expected)
+    float64_then_rounded = np.array([0.8 * 0.99 ** (step // 550) for step in steps], np.float32)
+    assert np.count_nonzero(float64_then_rounded != expected) > len(steps) // 2
 
 
 def test_moving_average_warm_up() -> None:
-    train = _train_params(moving_average_decay=0.99)
-    assert moving_average_decay_at(0, train) == pytest.approx(0.1)
-    assert moving_average_decay_at(10, train) == pytest.approx(11 / 20)
-    assert moving_average_decay_at(890, train) == pytest.approx(0.99)  # (1+890)/(10+890) = 0.99
-    assert moving_average_decay_at(5000, train) == 0.99
-    assert moving_average_decay_at(5000, _train_params(moving_average_decay=0.0)) == 0.0
+    decays = moving_average_decays(_train_params(moving_average_decay=0.99), np.array([0, 10, 889, 890, 5000]))
+    assert decays.dtype == np.float32
+    assert decays[0] == np.float32(0.1)
+    assert decays[1] == np.float32(11 / 20)
+    assert decays[2] < np.float32(0.99)  # (1+889)/(10+889) < 0.99
+    assert decays[3] == decays[4] == np.float32(0.99)  # (1+890)/(10+890) = 0.99
+    assert moving_average_decays(_train_params(moving_average_decay=0.0), np.array([5000])).tolist() == [0.0]
 
 
 def test_batch_order_is_a_pure_function_of_seed_and_step() -> None:

@@ -21,7 +21,7 @@ import tensorflow as tf
 from tasks import mnist
 from tasks import model as network
 from tasks.params import ModelParams, Params, TrainParams
-from tasks.train import BatchOrder
+from tasks.train import BatchOrder, learning_rates, moving_average_decays
 from tasks.trainer import Trainer
 
 
@@ -46,11 +46,10 @@ def _reference_run(model: ModelParams, train: TrainParams, images: np.ndarray, l
             average.assign_sub((1.0 - decay) * (average - variable))
         return cross_entropy
 
-    losses = []
-    for number, indices in enumerate(batches):
-        rate = np.float32(train.learning_rate * train.learning_rate_decay ** (number // decay_steps))
-        decay = np.float32(min(train.moving_average_decay, (1 + number) / (10 + number)))
-        losses.append(float(step(tf.constant(indices), tf.constant(rate), tf.constant(decay))))
+    steps = np.arange(len(batches))
+    schedule = zip(batches, learning_rates(train, decay_steps, steps), moving_average_decays(train, steps))
+    losses = [float(step(tf.constant(indices), tf.constant(rate), tf.constant(decay)))
+              for indices, rate, decay in schedule]
     state = {f"weight_{i}": v.numpy() for i, v in enumerate(weights)}
     state.update({f"average_{i}": v.numpy() for i, v in enumerate(averages)})
     return state, losses
