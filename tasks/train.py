@@ -272,13 +272,15 @@ def train_model(model: ModelParams, train: TrainParams, paths: Paths, *, validat
     mnist.verify_checksums(paths.raw_data, data_sha256)
     training = mnist.load_split(paths.raw_data, "train", validation_size)
     validation = mnist.load_split(paths.raw_data, "validation", validation_size)
-    decay_steps = decay_steps_for(train, len(training.labels))
+    training_size = len(training.labels)
+    decay_steps = decay_steps_for(train, training_size)
     trainer = _build_trainer(model, train, training.images, training.labels, decay_steps)
+    del training  # the trainer holds its own copy; this one would only add 172 MB to the peak
     fingerprint = run_fingerprint(model, train, validation_size, data_fingerprint(data_sha256))
     checkpoints = Checkpoints(paths.checkpoints, fingerprint, train.keep_checkpoints)
     before = _restore(trainer, checkpoints, train)
     first_step = trainer.current_step()
-    order = BatchOrder(len(training.labels), train.batch_size, train.seed)
+    order = BatchOrder(training_size, train.batch_size, train.seed)
     with open_live(paths.train_reports, before.curve) as live:
         run = run_training(trainer, order, train, validation, decay_steps, checkpoints, live, before)
         raw, averaged = trainer.accuracy(validation.images, validation.labels)
