@@ -98,6 +98,7 @@ def moving_average_decays(train: TrainParams, steps: np.ndarray) -> np.ndarray:
 
 
 def learning_rate_at(step: int, train: TrainParams, decay_steps: int) -> float:
+    """One step's learning rate (of ``learning_rates``), for the curve and messages."""
     return float(learning_rates(train, decay_steps, np.array([step]))[0])
 
 
