@@ -21,8 +21,8 @@ $(STAMP): pyproject.toml
 # A fresh clone first fetches what the DVC remote already holds (quiet when it holds nothing),
 # so `dvc repro` recomputes only what nobody computed and pushed before. Never commits or pushes.
 run: $(STAMP)
-	$(PYTHON) -m tasks.params check params.yaml
-	$(PYTHON) -m flows.team pull
+	$(PYTHON) -m tasks.commands.check_params params.yaml
+	$(PYTHON) -m tasks.commands.pull
 	dvc repro
 
 # Three test processes on two cores: end-to-end tests spend much of their time waiting on child
@@ -38,7 +38,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 check-params: $(STAMP)
-	$(PYTHON) -m tasks.params check params.yaml
+	$(PYTHON) -m tasks.commands.check_params params.yaml
 
 # The pipeline as one Prefect flow run (a temporary local Prefect server unless PREFECT_API_URL is set).
 flow: $(STAMP)
@@ -55,8 +55,8 @@ serve: $(STAMP)
 SEEDS ?= 2
 STEPS ?=
 experiments: $(STAMP)
-	$(PYTHON) -m tasks.params check params.yaml
-	$(PYTHON) -m tasks.experiments --seeds $(SEEDS) $(if $(STEPS),--steps $(STEPS))
+	$(PYTHON) -m tasks.commands.check_params params.yaml
+	$(PYTHON) -m tasks.commands.experiments --seeds $(SEEDS) $(if $(STEPS),--steps $(STEPS))
 
 bench: $(STAMP)
 	$(PYTHON) bench/train_speed.py

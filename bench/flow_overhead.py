@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,12 +29,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from flows.server import start_server  # noqa: E402
-from tasks.environment import child_environment  # noqa: E402
+from tasks.lib.processes import child_environment, python_module, run  # noqa: E402
 
 
 def timed(command: list[str], repo: Path, environment: dict[str, str]) -> float:
     started = time.perf_counter()
-    result = subprocess.run(command, cwd=repo, env=environment, capture_output=True, text=True)
+    result = run(command, repo, environment=environment)
     elapsed = time.perf_counter() - started
     if result.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
@@ -54,8 +53,8 @@ def main() -> None:
     scratch = Path(tempfile.mkdtemp(prefix="flow-overhead-"))
     repo = args.repo.resolve()
     base = {k: v for k, v in child_environment().items() if not k.startswith("PREFECT_API")}
-    dvc_repro = [sys.executable, "-m", "dvc", "repro"]
-    flow = [sys.executable, "-m", "flows.pipeline", "--repo", str(repo)]
+    dvc_repro = python_module("dvc", "repro")
+    flow = python_module("flows.pipeline", "--repo", str(repo))
     print(f"repository: {repo}\nwarming up: dvc repro (everything must be cached) ...", flush=True)
     timed(dvc_repro, repo, base)
     baseline = median_time(dvc_repro, repo, base, args.repeat)

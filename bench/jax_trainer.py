@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tasks.params import TrainParams
-from tasks.train import learning_rates, moving_average_decays
+from tasks.lib.params import TrainParams
+from tasks.lib.schedules import learning_rates, moving_average_decays
 
 
 def _logits(variables: Sequence[jax.Array], images: jax.Array, activation: str) -> jax.Array:

@@ -14,16 +14,16 @@ Measured, in one process so all share the same TensorFlow thread pools:
 * ``keras fit``: ``model.fit`` on the numpy arrays (``batch_size``, ``shuffle=True``, default
   ``steps_per_execution=1``, ``jit_compile="auto"`` which is off on CPU): the idiomatic loop.
 * ``ours``: ``Trainer.run_steps`` in chunks of ``train.steps_per_call`` steps, one call of the
-  XLA-compiled loop each, batch order from ``tasks.train.BatchOrder`` (its cost is included,
-  like Keras's shuffling).
-* ``graph trainer``: the train stage's trainer before the XLA loop (bench/graph_trainer.py, a
-  hand-tuned ``tf.function`` graph loop), called the same way: what the XLA loop gained.
+  XLA-compiled loop each, batch order from ``tasks.lib.schedules.BatchOrder`` (its cost is
+  included, like Keras's shuffling).
 * ``ours, 1 step/call`` (context): our compiled loop called once per step from Python, which
   shows what per-step dispatch costs.
-* ``ours @ REV`` (with ``--baseline REV``, repeatable): ``tasks/trainer.py``, with the rest of
-  ``tasks/``, as it was at git revision REV, called like ours, in the same rounds: the paired
-  no-regression check for a change to the trainer (``--baseline HEAD`` before committing, or
-  the commit before a series).
+* ``ours @ REV`` (with ``--baseline REV``, repeatable): the train stage's ``Trainer``, with the
+  rest of ``tasks/``, as it was at git revision REV (``tasks/lib/trainer.py``, or
+  ``tasks/trainer.py`` before the ``tasks.lib`` layout), called like ours, in the same rounds:
+  the paired no-regression check for a change to the trainer (``--baseline HEAD`` before
+  committing, or the commit before a series). ``--baseline 21e9733`` times the hand-tuned
+  ``tf.function`` graph-mode trainer the XLA loop replaced: what the XLA loop gained.
 * ``jax scan`` (a peer a user might pick instead): bench/jax_trainer.py, ``jax.jit`` of a
   ``lax.scan`` over ``train.steps_per_call`` steps with ``jax.grad``, written plainly. Only
   when JAX is installed (``pip install -e '.[bench]'``); otherwise the row is left out, saying so.
@@ -33,14 +33,15 @@ then timed over ``--epochs`` epochs (550 steps each) per round; the measurements
 ``--rounds`` rounds, in a rotating order, so that background load hits all of them alike (on a
 shared 2-core machine it moves every few seconds, hence many short rounds rather than a few long
 ones). It does not hit them equally hard: the XLA loop loses its lead over the graph trainer
-when another process takes a core (README), so compare on an idle machine. Keras is timed from
-the start of its first timed epoch to the end of its last (a callback), which leaves out
-``fit``'s per-call set-up. Reported: best and median steps/s, the peak RSS of the process after
-each set-up, the median of the per-round ratios (ours / Keras and ours / graph trainer in the
-same round), and as the last line ``ratio_vs_keras_fit=<best ours / best keras>``.
+(``--baseline 21e9733``) when another process takes a core (README), so compare on an idle
+machine. Keras is timed from the start of its first timed epoch to the end of its last (a
+callback), which leaves out ``fit``'s per-call set-up. Reported: best and median steps/s, the
+peak RSS of the process after each set-up, the median of the per-round ratios (ours / Keras,
+ours / JAX and ours / each baseline in the same round), and as the last line
+``ratio_vs_keras_fit=<best ours / best keras>``.
 
     python bench/train_speed.py [--rounds 8] [--epochs 1] [--threads 0] [--inter-op-threads 0] [--no-per-step]
-        [--no-graph] [--no-jax] [--baseline REV ...] [--params params.yaml] [--raw-data data/raw]
+        [--no-jax] [--baseline REV ...] [--params params.yaml] [--raw-data data/raw]
 """
 
 from __future__ import annotations
@@ -52,23 +53,20 @@ import platform
 import re
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's start-up chatter out of the table
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
 
-from tasks import mnist  # noqa: E402
-from tasks.params import ModelParams, TrainParams, load_params  # noqa: E402
-from tasks.train import BatchOrder, decay_steps_for  # noqa: E402
+from tasks.lib import mnist, processes  # noqa: E402
+from tasks.lib.params import ModelParams, TrainParams, load_params  # noqa: E402
+from tasks.lib.schedules import BatchOrder, decay_steps_for  # noqa: E402
 
 
 def peak_rss_mib() -> float:
@@ -134,7 +132,7 @@ def keras_runner(model: ModelParams, train: TrainParams, images: np.ndarray, lab
 
 def timed_steps(trainer, order: BatchOrder, steps: int, per_call: int) -> Callable[[], float]:
     """Warm ``trainer`` up with one call; return a function timing its next ``steps`` steps,
-    ``per_call`` steps a call (anything with ``run_steps(batches)``: ours, the graph trainer, JAX)."""
+    ``per_call`` steps a call (anything with ``run_steps(batches)``: ours, a baseline's, JAX)."""
     trainer.run_steps(order.batches(0, per_call))
     next_step = per_call
 
@@ -154,41 +152,44 @@ def trainer_runner(model: ModelParams, train: TrainParams, images: np.ndarray, l
                    trainer_class: type | None = None) -> Callable[[], float]:
     """The train stage's Trainer (or ``trainer_class``, an earlier version of it), ``per_call`` steps a call."""
     if trainer_class is None:
-        from tasks.trainer import Trainer as trainer_class
+        from tasks.lib.trainer import Trainer as trainer_class
 
     trainer = trainer_class(model, train.model_copy(update={"steps_per_call": per_call}), images, labels, decay_steps)
     return timed_steps(trainer, BatchOrder(len(labels), train.batch_size, train.seed), steps, per_call)
 
 
 def _git(*arguments: str) -> str:
-    shown = subprocess.run(["git", *arguments], cwd=ROOT, capture_output=True, text=True)
+    shown = processes.run(["git", *arguments], ROOT)
     if shown.returncode != 0:
         raise SystemExit(f"--baseline: git {' '.join(arguments)}: {shown.stderr.strip()}")
     return shown.stdout
 
 
 def trainer_at(revision: str, scratch: Path) -> type:
-    """The ``Trainer`` class of tasks/trainer.py as it was at git ``revision`` of this repository,
-    with the rest of that revision's ``tasks`` package (its helpers, e.g. the schedules), copied
-    to ``scratch`` as package ``tasks_at_<revision>`` (real files: tf.function's AutoGraph reads
-    the source). Today's params objects are passed in, so the revision must accept them."""
+    """The ``Trainer`` class of the train stage as it was at git ``revision`` of this repository:
+    that revision's whole ``tasks/`` tree (subpackages too) is copied to ``scratch`` as package
+    ``tasks_at_<revision>``, its imports of ``tasks`` renamed to match (real files: tf.function's
+    AutoGraph reads the source), and the class comes from ``tasks/lib/trainer.py`` when the
+    revision has it, else from ``tasks/trainer.py`` (the layout before ``tasks.lib``). Today's
+    params objects are passed in, so the revision must accept them."""
     package = f"tasks_at_{re.sub(r'[^0-9A-Za-z_]', '_', revision)}"
-    (scratch / package).mkdir()
-    for path in _git("ls-tree", "--name-only", f"{revision}:tasks/").split():
+    paths = _git("ls-tree", "-r", "--name-only", revision, "--", "tasks/").splitlines()
+    for path in paths:
+        target = scratch / package / Path(path).relative_to("tasks")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        source = _git("show", f"{revision}:{path}")
         if path.endswith(".py"):
-            source = _git("show", f"{revision}:tasks/{path}")
-            (scratch / package / path).write_text(re.sub(r"\b(from|import) tasks\b", rf"\1 {package}", source))
-    sys.path.insert(0, str(scratch))
-    return importlib.import_module(f"{package}.trainer").Trainer
-
-
-def graph_trainer_runner(model: ModelParams, train: TrainParams, images: np.ndarray, labels: np.ndarray,
-                         decay_steps: int, steps: int) -> Callable[[], float]:
-    """The graph-mode trainer the XLA loop replaced, ``train.steps_per_call`` steps a call."""
-    from bench.graph_trainer import GraphTrainer
-
-    trainer = GraphTrainer(model, train, images, labels, decay_steps)
-    return timed_steps(trainer, BatchOrder(len(labels), train.batch_size, train.seed), steps, train.steps_per_call)
+            source = re.sub(r"\b(from|import) tasks\b", rf"\1 {package}", source)
+        target.write_text(source)
+    if "tasks/lib/trainer.py" in paths:
+        module = f"{package}.lib.trainer"
+    elif "tasks/trainer.py" in paths:
+        module = f"{package}.trainer"
+    else:
+        raise SystemExit(f"--baseline: {revision} has neither tasks/lib/trainer.py nor tasks/trainer.py")
+    if str(scratch) not in sys.path:
+        sys.path.insert(0, str(scratch))
+    return importlib.import_module(module).Trainer
 
 
 def jax_runner(model: ModelParams, train: TrainParams, images: np.ndarray, labels: np.ndarray,
@@ -199,7 +200,7 @@ def jax_runner(model: ModelParams, train: TrainParams, images: np.ndarray, label
     except ImportError as error:
         print(f"no jax scan row: {error} (pip install -e '.[bench]' adds JAX)")
         return None
-    from tasks.model import initial_values
+    from tasks.lib.model import initial_values
 
     initial = [value.numpy() for value in initial_values(model, train.seed)]
     trainer = JaxTrainer(initial, model.activation, train, images, labels, decay_steps)
@@ -219,11 +220,19 @@ def machine() -> str:
 
 
 def configure_threads(intra_op: int, inter_op: int) -> str:
-    """Set TensorFlow's two thread pools (before any op runs); 0 keeps TensorFlow's default, one per core."""
-    tf.config.threading.set_intra_op_parallelism_threads(intra_op)
-    tf.config.threading.set_inter_op_parallelism_threads(inter_op)
+    """Size TensorFlow's two thread pools before TensorFlow loads, through the environment variables
+    it reads when its runtime starts (``tasks.lib.tf_loader`` starts it as it imports TensorFlow,
+    after which ``tf.config.threading`` can no longer change them). 0 keeps what the environment
+    already says, else TensorFlow's default, one per core."""
+    pools = (("intra-op", "TF_NUM_INTRAOP_THREADS", intra_op), ("inter-op", "TF_NUM_INTEROP_THREADS", inter_op))
+    if "tensorflow" in sys.modules and (intra_op or inter_op):
+        raise SystemExit("--threads/--inter-op-threads: TensorFlow is already loaded, its thread pools are fixed")
+    for _, variable, threads in pools:
+        if threads:
+            os.environ[variable] = str(threads)
     default = f"default ({os.cpu_count()} cores)"
-    return f"TensorFlow threads: intra-op {intra_op or default}, inter-op {inter_op or default}"
+    return "TensorFlow threads: " + ", ".join(f"{name} {os.environ.get(variable) or default}"
+                                              for name, variable, _ in pools)
 
 
 def build_runners(args: argparse.Namespace, model: ModelParams, train: TrainParams, images: np.ndarray,
@@ -234,8 +243,6 @@ def build_runners(args: argparse.Namespace, model: ModelParams, train: TrainPara
     print(f"peak RSS after Keras set-up {peak_rss_mib():.0f} MiB")
     runners["ours"] = trainer_runner(model, train, images, labels, decay_steps, steps, train.steps_per_call)
     print(f"peak RSS after Trainer set-up {peak_rss_mib():.0f} MiB")
-    if not args.no_graph:
-        runners["graph trainer"] = graph_trainer_runner(model, train, images, labels, decay_steps, steps)
     for revision, trainer_class in args.baseline_classes.items():
         runners[f"ours @ {revision}"] = trainer_runner(model, train, images, labels, decay_steps, steps,
                                                        train.steps_per_call, trainer_class)
@@ -256,19 +263,22 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=8, help="timed repetitions of each measurement")
     parser.add_argument("--epochs", type=int, default=1, help="epochs (of 550 steps) per timed measurement")
-    parser.add_argument("--threads", type=int, default=0, help="intra-op threads; 0 = TF default")
-    parser.add_argument("--inter-op-threads", type=int, default=0, help="inter-op threads; 0 = TF default")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="intra-op threads; 0 = $TF_NUM_INTRAOP_THREADS, else TF default")
+    parser.add_argument("--inter-op-threads", type=int, default=0,
+                        help="inter-op threads; 0 = $TF_NUM_INTEROP_THREADS, else TF default")
     parser.add_argument("--no-per-step", action="store_true", help="skip the 1-step-per-call context row")
-    parser.add_argument("--no-graph", action="store_true", help="skip the graph trainer row")
     parser.add_argument("--no-jax", action="store_true", help="skip the JAX peer row")
     parser.add_argument("--baseline", action="append", default=[], metavar="REV",
-                        help="add tasks/trainer.py as it was at git revision REV as a row (repeatable)")
+                        help="add the Trainer as it was at git revision REV as a row (repeatable)")
     parser.add_argument("--params", type=Path, default=ROOT / "params.yaml")
     parser.add_argument("--raw-data", type=Path, help="IDX files to train on; default: paths.raw_data of --params")
     args = parser.parse_args(argv)
 
     print(machine())
     print(configure_threads(args.threads, args.inter_op_threads))
+    from tasks.lib.tf_loader import tf  # after the thread pools are sized; its start-up chatter stays out
+
     print(f"TF {tf.__version__}, TF_ENABLE_ONEDNN_OPTS={os.environ.get('TF_ENABLE_ONEDNN_OPTS', 'unset (on)')}")
     params = load_params(args.params)
     model, train = params.model, params.train
@@ -295,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:<{width}} {max(values):8.1f} {statistics.median(values):8.1f}")
     print(f"peak RSS {peak_rss_mib():.0f} MiB (whole process: data, Keras and every trainer)")
     print(f"ours / keras fit: median of per-round ratios {paired_ratio(rates, 'ours', 'keras fit'):.2f}")
-    for other in ("graph trainer", "jax scan", *(f"ours @ {revision}" for revision in args.baseline)):
+    for other in ("jax scan", *(f"ours @ {revision}" for revision in args.baseline)):
         if other in rates:
             print(f"ours / {other}: best / best {max(rates['ours']) / max(rates[other]):.2f}, "
                   f"median of per-round ratios {paired_ratio(rates, 'ours', other):.2f}")

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 from pathlib import Path
 from urllib.parse import urlparse
@@ -42,8 +41,8 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from flows.pipeline import pipeline
 from flows.server import start_server
-from tasks.environment import child_environment
-from tasks.params import ScheduleParams, load_params
+from tasks.lib import processes
+from tasks.lib.params import ScheduleParams, load_params
 
 ENTRYPOINT = "flows/pipeline.py:pipeline"
 GIT_URL_VARIABLE, GIT_BRANCH_VARIABLE = "MNIST_PIPELINE_GIT_URL", "MNIST_PIPELINE_GIT_BRANCH"
@@ -93,8 +92,7 @@ def team_settings(params_file: str = "params.yaml", prefect_file: str = "prefect
     schedule = load_params(Path(params_file).resolve()).schedule
     _check_prefect_file(Path(prefect_file), schedule)
     url, branch = _git_url(), os.environ.get(GIT_BRANCH_VARIABLE, "").strip() or "main"
-    found = subprocess.run(["git", "ls-remote", "--heads", url, f"refs/heads/{branch}"], capture_output=True,
-                           text=True, env=child_environment())
+    found = processes.run(["git", "ls-remote", "--heads", url, f"refs/heads/{branch}"])
     if found.returncode != 0 or not found.stdout.strip():
         detail = found.stderr.strip().splitlines()[-1:] if found.returncode else "no such branch"
         raise ValueError(f"{GIT_URL_VARIABLE}={url}: cannot clone branch {branch!r} ({detail})")

@@ -11,7 +11,7 @@ last commit and a summary of the promotion decision. No TensorFlow here.
     python -m flows.pipeline [--repo .] --publish   # team mode (what prefect.yaml's deployment runs)
 
 With ``--publish`` (flow parameter ``publish``) the run follows its git branch and records
-itself (see ``flows/team.py``): tasks ``git-sync`` (the branch's newest commit and its tags)
+itself (see ``tasks/lib/repository.py``): tasks ``git-sync`` (the branch's newest commit and its tags)
 and ``dvc-pull`` come before the stages, and ``publish`` after them when a stage ran
 (``dvc push``, one commit of the results, GTO tags of a promoted version, one atomic push).
 
@@ -22,26 +22,21 @@ temporary local server for the run.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
-import signal
-import subprocess
 import sys
-import threading
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from dvc.repo import Repo
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.states import Completed, State
+from prefect.tasks import exponential_backoff
 
-from flows import team
-from tasks.environment import child_environment
-from tasks.params import Params, Paths, load_params
+from tasks.lib import repository as team
+from tasks.lib.params import Params, Paths, load_params
+from tasks.lib.processes import CommandTimedOut
+from tasks.lib.registry.tags import ARTIFACT, register_promotion
 
 STAGES = ("download", "train", "evaluate", "promote")
 
@@ -57,49 +52,27 @@ class StageOutcome:
     seconds: float
 
 
-def run_command(command: list[str], repo: Path, timeout: float, log: object) -> list[str]:
-    """Run ``command`` in ``repo``, logging each output line as it comes; kill it after ``timeout``."""
-    process = subprocess.Popen(command, cwd=repo, env=child_environment(), stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True)
-    timed_out = threading.Event()
-
-    def kill() -> None:
-        timed_out.set()
-        os.killpg(process.pid, signal.SIGTERM)  # the whole group: dvc and the stage it runs
-
-    watchdog = threading.Timer(timeout, kill)
-    watchdog.start()
-    lines = []
+def run_dvc(arguments: list[str], repo: Path, timeout: float, log: object) -> list[str]:
+    """Run `dvc <arguments>` in ``repo``, each output line into the task's log; StageFailed on a
+    non-zero exit or after ``timeout`` seconds (DVC and the stage it runs are then stopped)."""
+    command = f"dvc {' '.join(arguments)}"
     try:
-        for line in process.stdout:  # type: ignore[union-attr]
-            lines.append(line.rstrip())
-            log.info(line.rstrip())
-        process.wait()
-    finally:
-        watchdog.cancel()
-    if timed_out.is_set():
-        raise StageFailed(f"`{' '.join(command)}` timed out after {timeout:.0f} s")
-    if process.returncode != 0:
+        code, lines = team.dvc_stream(repo, arguments, timeout, log.info)
+    except CommandTimedOut:
+        raise StageFailed(f"`{command}` timed out after {timeout:.0f} s") from None
+    if code != 0:
         tail = "\n".join(lines[-15:])
-        raise StageFailed(f"`{' '.join(command)}` failed with exit code {process.returncode}:\n{tail}")
+        raise StageFailed(f"`{command}` failed with exit code {code}:\n{tail}")
     return lines
 
 
-# persist_result=False: outcomes stay in memory; Prefect would otherwise pickle them to disk.
-@contextlib.contextmanager
-def open_dvc_repo(repo: Path) -> Iterator[Repo]:
-    """DVC's Python API, in-process (a `dvc` process start costs about a second). DVC resolves
-    paths against the working directory, so work from the repository root while it runs."""
-    with contextlib.chdir(repo), Repo(".") as dvc_repo:
-        yield dvc_repo
-
-
 def stage_is_up_to_date(stage: str, repo: Path) -> bool:
-    """DVC's own verdict, as `dvc status <stage>` gives it."""
-    with open_dvc_repo(repo) as dvc_repo:
+    """DVC's own verdict, as `dvc status <stage>` gives it (through its Python API)."""
+    with team.open_dvc_repo(repo) as dvc_repo:
         return not dvc_repo.status(targets=[stage])
 
 
+# persist_result=False: outcomes stay in memory; Prefect would otherwise pickle them to disk.
 @task(task_run_name="{stage}", persist_result=False)
 def reproduce_stage(stage: str, repo: Path, timeout: float) -> StageOutcome | State:
     """Bring one DVC stage up to date; report it as skipped when DVC found nothing to do."""
@@ -107,8 +80,7 @@ def reproduce_stage(stage: str, repo: Path, timeout: float) -> StageOutcome | St
     log = get_run_logger()
     skipped = stage_is_up_to_date(stage, repo)
     if not skipped:
-        lines = run_command([sys.executable, "-m", "dvc", "repro", "--single-item", stage], repo, timeout, log)
-        skipped = any(f"Stage '{stage}' didn't change, skipping" in line for line in lines)
+        run_dvc(["repro", "--single-item", stage], repo, timeout, log)
     outcome = StageOutcome(stage, skipped, round(time.perf_counter() - started, 2))
     if skipped:
         log.info("Stage '%s' didn't change, skipping", stage)
@@ -118,7 +90,7 @@ def reproduce_stage(stage: str, repo: Path, timeout: float) -> StageOutcome | St
 
 def metrics_table(repo: Path, metrics_file: str) -> list[dict[str, object]]:
     """Rows of `dvc metrics diff --all` (workspace against HEAD): metric, last commit, now, change."""
-    with open_dvc_repo(repo) as dvc_repo:
+    with team.open_dvc_repo(repo) as dvc_repo:
         diff = dvc_repo.metrics.diff(a_rev="HEAD", all=True).get("diff", {}).get(metrics_file, {})
     return [{"metric": name, "last commit": values.get("old"), "this run": values.get("new"),
              "change": values.get("diff")} for name, values in sorted(diff.items())]
@@ -140,8 +112,8 @@ def _stage_task(stage: str, params: Params):
     schedule = params.schedule
     if stage != "download":  # train resumes from checkpoints when re-run; no blind retries
         return reproduce_stage
-    delays = [schedule.retry_delay_seconds * 2**attempt for attempt in range(schedule.download_retries)]
-    return reproduce_stage.with_options(retries=schedule.download_retries, retry_delay_seconds=delays or 0)
+    return reproduce_stage.with_options(retries=schedule.download_retries,
+                                        retry_delay_seconds=exponential_backoff(schedule.retry_delay_seconds))
 
 
 def _publish_artifacts(repo: Path, params: Params) -> None:
@@ -153,10 +125,9 @@ def _publish_artifacts(repo: Path, params: Params) -> None:
 
 
 def _push_if_configured(repo: Path, params: Params, log: object) -> None:
-    with open_dvc_repo(repo) as dvc_repo:
-        remote = dvc_repo.config["core"].get("remote")
+    remote = team.default_remote(repo)
     if params.schedule.push and remote:
-        run_command([sys.executable, "-m", "dvc", "push"], repo, params.schedule.stage_timeout_seconds["download"], log)
+        run_dvc(["push"], repo, params.schedule.stage_timeout_seconds["download"], log)
     elif params.schedule.push:
         log.warning("schedule.push is true but no DVC remote is configured; skipping dvc push")
 
@@ -184,7 +155,7 @@ def commit_message(start: team.RunStart, outcomes: list[StageOutcome], metrics: 
     if decision is None:
         verdict = "no promotion decision (promote did not run)"
     elif decision.get("promoted"):
-        verdict = f"promoted as {team.ARTIFACT} version {decision['version']}"
+        verdict = f"promoted as {ARTIFACT} version {decision['version']}"
     else:
         verdict = "not promoted"
     ran = [outcome.stage for outcome in outcomes if not outcome.skipped]
@@ -209,7 +180,8 @@ def publish_run(repo: Path, start: team.RunStart, outcomes: list[StageOutcome], 
     metrics = json.loads(paths.metrics.read_text())
     message = commit_message(start, outcomes, metrics, decision)
     version = decision["version"] if decision and decision.get("promoted") else None
-    publication = team.publish_results(repo, start, message, version)
+    publication = team.publish_results(repo, start, message,
+                                       lambda: register_promotion(repo, version) if version else [])
     if publication.commit is None:
         log.info("publish: the stages changed nothing git tracks; nothing pushed to git")
     else:

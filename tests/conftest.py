@@ -25,6 +25,7 @@ os.environ.setdefault("TF_NUM_INTEROP_THREADS", "1")
 # Importing Prefect first, before any test module loads TensorFlow, keeps the order harmless.
 from prefect import flow  # noqa: F401  isort: skip  (loads prefect.flows, which sets up logging)
 
+import ast
 import copy
 import hashlib
 import shutil
@@ -38,9 +39,9 @@ import numpy as np
 import pytest
 import yaml
 
-from tasks import mnist
-from tasks.environment import child_environment
-from tasks.params import IDX_FILE_NAMES, Params, Paths, parse_params
+from tasks.lib import mnist
+from tasks.lib.params import IDX_FILE_NAMES, Params, Paths, parse_params
+from tasks.lib.processes import child_environment
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TRAIN_SIZE, TEST_SIZE = 600, 200
@@ -173,6 +174,19 @@ def tree_digest(directory: Path, *, files_only: bool = False) -> str:
         if path.is_file():
             digest.update(path.read_bytes())
     return digest.hexdigest()
+
+
+def project_imports(module: str) -> set[str]:
+    """Project modules ``module`` (dotted) imports anywhere in its code, lazy imports inside functions too."""
+    path = REPO_ROOT / (module.replace(".", "/") + ".py")
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            found |= {f"{node.module}.{alias.name}" for alias in node.names}
+    return {name for name in found if (REPO_ROOT / (name.replace(".", "/") + ".py")).is_file()}
 
 
 def prefect_api(server: Any, query: Any) -> Any:

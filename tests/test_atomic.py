@@ -1,4 +1,4 @@
-"""tasks/atomic.py: a reader sees the old file or directory, or the new one, never half of one."""
+"""tasks/lib/atomic.py: a reader sees the old file or directory, or the new one, never half of one."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.atomic import staged_directory, write_bytes_atomic
+from tasks.lib.atomic import staged_directory, write_bytes_atomic
 
 
 def test_atomic_write_leaves_no_temporary_files(tmp_path: Path) -> None:

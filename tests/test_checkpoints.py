@@ -1,4 +1,4 @@
-"""tasks/checkpoints.py: what a checkpoint holds, which are kept, and what each kind of damage does."""
+"""tasks/lib/checkpoints.py: what a checkpoint holds, which are kept, and what each kind of damage does."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tasks.checkpoints import (
+from tasks.lib.checkpoints import (
     CURVE_WIDTH,
     CheckpointError,
     Checkpoints,
@@ -19,8 +19,8 @@ from tasks.checkpoints import (
     newest_checkpoint,
     read_state,
 )
-from tasks.params import parse_params
-from tasks.trainer import Trainer
+from tasks.lib.params import parse_params
+from tasks.lib.trainer import Trainer
 
 from .conftest import make_params_document, write_synthetic
 

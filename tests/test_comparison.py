@@ -1,4 +1,4 @@
-"""tasks/comparison.py: Student t, Welch intervals against hand computations, the table and the PNG."""
+"""tasks/lib/comparison.py: Student t, Welch intervals against hand computations, the table and the PNG."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.comparison import (
+from tasks.lib.comparison import (
     Outcome,
     Row,
     accuracy_figure,

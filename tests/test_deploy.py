@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from flows.deploy import GIT_BRANCH_VARIABLE, GIT_URL_VARIABLE, team_settings
-from tasks.params import load_params
+from tasks.lib.params import load_params
 
 from .conftest import REPO_ROOT, make_params_document, run_command
 

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from tasks import download
-from tasks.params import IDX_FILE_NAMES, parse_params
+from tasks.lib.params import IDX_FILE_NAMES, parse_params
 
 from .conftest import make_params_document, raw_data_at, synthetic_arrays
 
@@ -281,7 +281,7 @@ def test_http_mirror_refuses_a_body_larger_than_expected(tmp_path: Path, synthet
 
 
 def test_expected_sizes_of_the_real_dataset() -> None:
-    from tasks.params import load_params
+    from tasks.lib.params import load_params
 
     from .conftest import REPO_ROOT
 

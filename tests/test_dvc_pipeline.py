@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 
 import pytest
 
-from tasks.params import IDX_FILE_NAMES
+from tasks.lib.params import IDX_FILE_NAMES
 
 from .conftest import dvc, make_params_document, make_project, tree_digest
 
@@ -51,7 +52,9 @@ def test_whole_pipeline_then_a_worse_change_is_rejected(tmp_path: Path, syntheti
     import yaml
 
     project = make_project(tmp_path / "project", make_params_document(synthetic_source))
-    dvc(project, "repro")
+    first = dvc(project, "repro")
+    log = first.stdout + first.stderr  # every stage's output, TensorFlow's start-up included
+    assert "cuInit" not in log and not re.search(r"^[IW]\d{4} ", log, re.MULTILINE), log
     metrics = json.loads((project / "reports" / "metrics.json").read_text())
     assert metrics["test"]["accuracy"] > 0.9
     assert json.loads((project / "reports" / "promotion.json").read_text())["promoted"] is True

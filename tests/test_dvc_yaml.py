@@ -13,24 +13,51 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import BaseModel
 
-from tasks.params import PathsParams
+from tasks.lib.params import PathsParams, load_params
 
-from .conftest import REPO_ROOT, tool_environment
+from .conftest import REPO_ROOT, project_imports, tool_environment
 
 STAGES = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]
 
 
 def test_the_pipeline_has_the_designed_stages_in_order() -> None:
-    expected = ["download", "train", "evaluate", "promote"]
-    assert list(STAGES) == expected[: len(STAGES)]
+    assert list(STAGES) == ["download", "train", "evaluate", "promote"]
+
+
+class _Recorder:
+    """Stands in for the validated params and notes every attribute path read through it."""
+
+    def __init__(self, value: object, path: str, seen: set[str]) -> None:
+        self._value, self._path, self._seen = value, path, seen
+
+    def __getattr__(self, name: str) -> object:
+        path = f"{self._path}.{name}" if self._path else name
+        self._seen.add(path)
+        value = getattr(self._value, name)
+        return _Recorder(value, path, self._seen) if isinstance(value, BaseModel) else value
+
+
+def params_read_by(stage: str) -> set[str]:
+    """The params.yaml keys a stage's code reads: what its ``stage_arguments`` takes from the params
+    (the stage's work function gets those and nothing else), most specific path only, paths aside."""
+    seen: set[str] = set()
+    recorder = _Recorder(load_params(REPO_ROOT / "params.yaml"), "", seen)
+    importlib.import_module(f"tasks.{stage}").stage_arguments(recorder)
+    read = {path for path in seen if not any(other.startswith(path + ".") for other in seen)}
+    return {path for path in read if path.split(".")[0] not in ("paths", "stage_paths")}
 
 
 @pytest.mark.parametrize("stage", list(STAGES))
 def test_stage_params_name_exactly_what_its_code_reads(stage: str) -> None:
-    module = importlib.import_module(f"tasks.{stage}")
     declared = set(STAGES[stage].get("params", []))
-    assert declared == set(module.PARAMS_SECTIONS), f"dvc.yaml params of {stage!r} differ from tasks/{stage}.py"
+    assert declared == params_read_by(stage), f"dvc.yaml params of {stage!r} differ from what tasks/{stage}.py reads"
+
+
+def test_the_params_recorder_sees_a_key_read_inside_a_section() -> None:
+    """train reads two keys of `data`, not the whole section: dvc.yaml must name exactly those."""
+    assert params_read_by("train") == {"model", "train", "data.validation_size", "data.sha256"}
 
 
 @pytest.mark.parametrize("stage", list(STAGES))
@@ -54,19 +81,6 @@ def test_outputs_come_from_the_paths_section(stage: str) -> None:
         assert match.group(1) in known
 
 
-def _project_imports(module: str) -> set[str]:
-    """Project modules ``module`` imports anywhere in its code (lazy imports inside functions too)."""
-    path = REPO_ROOT / (module.replace(".", "/") + ".py")
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            found |= {alias.name for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            found.add(node.module)
-            found |= {f"{node.module}.{alias.name}" for alias in node.names}
-    return {name for name in found if (REPO_ROOT / (name.replace(".", "/") + ".py")).is_file()}
-
-
 def code_dependencies(stage: str) -> set[str]:
     """Every project file `python -m tasks.<stage>` can execute: its module and, transitively, what it imports."""
     seen, pending = set(), [f"tasks.{stage}"]
@@ -74,7 +88,7 @@ def code_dependencies(stage: str) -> set[str]:
         module = pending.pop()
         if module not in seen:
             seen.add(module)
-            pending += _project_imports(module)
+            pending += project_imports(module)
     return {module.replace(".", "/") + ".py" for module in seen}
 
 
@@ -87,8 +101,16 @@ def test_stage_code_deps_are_exactly_the_modules_it_imports(stage: str) -> None:
 
 def test_the_import_walk_sees_lazy_imports() -> None:
     """train imports the trainer inside a function; leaving it out of dvc.yaml must be caught."""
-    assert "tasks/trainer.py" in code_dependencies("train")
-    assert "tasks/model.py" in code_dependencies("promote")
+    assert "tasks/lib/trainer.py" in code_dependencies("train")
+    assert "tasks/lib/model.py" in code_dependencies("promote")
+
+
+def test_package_initialisers_hold_nothing_but_a_docstring() -> None:
+    """Importing a stage runs the `__init__.py` of its packages too; they are not in dvc.yaml's
+    deps, which is safe only while they cannot change what a stage does."""
+    for init in sorted(REPO_ROOT.glob("tasks/**/__init__.py")):
+        body = ast.parse(init.read_text()).body
+        assert len(body) == 1 and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant), init
 
 
 @pytest.mark.slow

@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tasks import mnist
 from tasks.evaluate import cross_entropy, evaluate_candidate
-from tasks.model import ModelLoadError
-from tasks.params import Params, Paths
+from tasks.lib import mnist
+from tasks.lib.model import ModelLoadError
+from tasks.lib.params import Params, Paths
 from tasks.train import train_model
 
 

@@ -1,4 +1,4 @@
-"""tasks/experiments.py: the variants × seeds grid as real DVC experiments, its resumption and its table."""
+"""tasks/commands/experiments.py: the variants × seeds grid as real DVC experiments, its resumption and its table."""
 
 from __future__ import annotations
 
@@ -11,12 +11,10 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
 
-from tasks.comparison import student_t_quantile
-from tasks.experiments import (
+from tasks.commands.experiments import (
     VARIANTS,
     Experiment,
     Planned,
@@ -28,8 +26,9 @@ from tasks.experiments import (
     main,
     plan,
 )
-from tasks.params import Params, parse_params
-from tasks.train import TrainingDiverged, _check_divergence
+from tasks.lib.comparison import student_t_quantile
+from tasks.lib.divergence import Divergence, TrainingDiverged
+from tasks.lib.params import Params, parse_params
 
 from .conftest import base_params_document, dvc, make_params_document, make_project, run_command, tool_environment
 
@@ -62,7 +61,7 @@ def test_bad_arguments_are_one_usage_error_before_anything_runs(arguments: list[
     with pytest.raises(SystemExit) as raised:
         main(arguments)
     last_line = capsys.readouterr().err.splitlines()[-1]
-    assert raised.value.code == 2 and last_line.startswith("python -m tasks.experiments: error:")
+    assert raised.value.code == 2 and last_line.startswith("python -m tasks.commands.experiments: error:")
 
 
 def _entry(name: str, state: str | None, metrics: dict | None = None, error: bool = False, log: str | None = None,
@@ -105,11 +104,11 @@ def _params(point: Planned) -> dict:
 
 
 def _divergence_log(tmp_path: Path, params: Params) -> str:
-    """The trainer's own divergence message, as the stage prints it into the experiment's log."""
-    with pytest.raises(TrainingDiverged) as raised:
-        _check_divergence(np.array([1.0, np.inf]), 35, params.train, 550)
+    """A failed experiment's log as the train stage leaves it when the divergence guard stops it."""
+    diverged = TrainingDiverged(Divergence(step=36, loss=float("inf"), learning_rate=0.8), params.train.max_loss)
     path = tmp_path / "run.out"
-    path.write_text(f"train: step 20/60\nerror: {raised.value}\nERROR: failed to reproduce 'train'\n")
+    path.write_text(f"train: step 20/60\n{diverged.divergence.record_line()}\nerror: {diverged}\n"
+                    "ERROR: failed to reproduce 'train'\n")
     return str(path)
 
 
@@ -165,7 +164,7 @@ def _project(tmp_path: Path, synthetic_source: Path, **train: object) -> Path:
 
 
 def _experiments(project: Path, *arguments: str, check: bool = True) -> subprocess.CompletedProcess:
-    return run_command([sys.executable, "-m", "tasks.experiments", *arguments], project, check=check)
+    return run_command([sys.executable, "-m", "tasks.commands.experiments", *arguments], project, check=check)
 
 
 def _queue_status(project: Path) -> list[tuple[str, str]]:
@@ -271,7 +270,7 @@ def test_an_experiment_whose_worker_was_killed_is_run_again(tmp_path: Path, synt
     """SIGKILL DVC's queue worker mid-run (as a machine restart would): DVC still lists the run as
     running; the next call marks it failed, queues it again and finishes the grid."""
     project = _project(tmp_path, synthetic_source)
-    arguments = [sys.executable, "-m", "tasks.experiments", "--seeds", "1", "--steps", "600",
+    arguments = [sys.executable, "-m", "tasks.commands.experiments", "--seeds", "1", "--steps", "600",
                  "--only", "all-optimisations"]
     driver = subprocess.Popen(arguments, cwd=project, env=tool_environment(), text=True, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, start_new_session=True)
@@ -295,12 +294,3 @@ def test_an_experiment_whose_worker_was_killed_is_run_again(tmp_path: Path, synt
     assert "experiments: 1 orphaned" in output and "marking it failed" in output
     assert _queue_status(project) == [("all-optimisations-600steps-s0", "Success")]
     assert _table_row(project, "all-optimisations")[1] == "1"
-
-
-@pytest.mark.parametrize("losses", [[1.0, np.inf], [1.0, 5.6e4]], ids=["infinite", "finite, above max_loss"])
-def test_both_kinds_of_divergence_are_recognised(tmp_path: Path, params: Params, losses: list[float]) -> None:
-    with pytest.raises(TrainingDiverged) as raised:
-        _check_divergence(np.array(losses), 35, params.train, 550)
-    log = tmp_path / "run.out"
-    log.write_text(f"error: {raised.value}\n")
-    assert diverged_at(Experiment("no-activation-s0", "failed", {}, {}, log=str(log))) == 36

@@ -1,4 +1,4 @@
-"""tasks/mnist.py: IDX round-trip, header checks, the validation gate and the split."""
+"""tasks/lib/mnist.py: IDX round-trip, header checks, the validation gate and the split."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tasks import mnist
+from tasks.lib import mnist
 
 from .conftest import TRAIN_SIZE, class_counts, synthetic_arrays, write_synthetic
 

@@ -1,4 +1,4 @@
-"""tasks/model.py: shapes, initialisation, and the exported serving model."""
+"""tasks/lib/model.py: shapes, initialisation, and the exported serving model."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tasks import model as network
-from tasks.params import ModelParams
+from tasks.lib import model as network
+from tasks.lib.params import ModelParams
 
 from .conftest import with_default_threads
 
@@ -73,7 +73,7 @@ def test_export_is_byte_reproducible(tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    script = ("import sys\nfrom tasks import model as m\nfrom tasks.params import ModelParams\n"
+    script = ("import sys\nfrom tasks.lib import model as m\nfrom tasks.lib.params import ModelParams\n"
               "p = ModelParams(hidden_units=8, activation='relu', init_stddev=0.1)\n"
               "v = m.initial_values(p, 0)\nm.export(m.ServingModel(v, v, 'relu'), sys.argv[1])\n")
     root = Path(__file__).resolve().parents[1]

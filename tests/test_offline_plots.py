@@ -1,4 +1,4 @@
-"""tasks/offline_plots.py: `dvc plots show` pages that render with no internet, checked in a real browser."""
+"""tasks/commands/offline_plots.py: `dvc plots show` pages that render with no internet, checked in a real browser."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.offline_plots import TEMPLATE, TemplateError, _read_member, check_template
+from tasks.commands.offline_plots import TEMPLATE, TemplateError, _read_member, check_template
 
 from .conftest import REPO_ROOT, dvc, make_params_document, make_project, write_synthetic
 

@@ -1,4 +1,4 @@
-"""tasks/params.py: a good file passes; each kind of typo or bad value fails naming the key."""
+"""tasks/lib/params.py: a good file passes; each kind of typo or bad value fails naming the key."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tasks.params import ParamsError, load_params, main, parse_params
+from tasks.commands.check_params import main
+from tasks.lib.params import ParamsError, load_params, parse_params
 
 from .conftest import REPO_ROOT, base_params_document
 
@@ -107,18 +108,19 @@ def test_not_a_mapping_and_not_yaml(tmp_path: Path) -> None:
 
 
 def test_check_command_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["check", str(REPO_ROOT / "params.yaml")]) == 0
+    assert main([str(REPO_ROOT / "params.yaml")]) == 0
     document = base_params_document()
     document["model"]["hiden_units"] = document["model"].pop("hidden_units")
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(document))
-    assert main(["check", str(bad)]) == 1
+    assert main([str(bad)]) == 1
     assert "model.hiden_units: unknown key (did you mean 'hidden_units'?)" in capsys.readouterr().err
-    assert main(["bogus"]) == 2
+    assert main(["one.yaml", "two.yaml"]) == 2 and main(["--strict"]) == 2
+    assert main([str(tmp_path / "missing.yaml")]) == 1
 
 
 def test_check_command_runs_as_a_module(tmp_path: Path) -> None:
-    result = subprocess.run([sys.executable, "-m", "tasks.params", "check", "params.yaml"],
+    result = subprocess.run([sys.executable, "-m", "tasks.commands.check_params", "params.yaml"],
                             cwd=REPO_ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "params.yaml: ok" in result.stdout
@@ -142,8 +144,8 @@ def _params_text() -> str:
 
 
 def _check_in_a_process(path: Path) -> subprocess.CompletedProcess:
-    """`python -m tasks.params check`, as `make run` calls it; the time-out only stops a hang."""
-    return subprocess.run([sys.executable, "-m", "tasks.params", "check", str(path)], cwd=REPO_ROOT,
+    """`python -m tasks.commands.check_params`, as `make run` calls it; the time-out only stops a hang."""
+    return subprocess.run([sys.executable, "-m", "tasks.commands.check_params", str(path)], cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=30)
 
 

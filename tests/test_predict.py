@@ -1,4 +1,4 @@
-"""tasks/predict.py: the production model classifies digit images a user hands it."""
+"""tasks/commands/predict.py: the production model classifies digit images a user hands it."""
 
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ import pytest
 import yaml
 from PIL import Image
 
-from tasks import mnist, predict
-from tasks.params import Paths, parse_params
+from tasks.commands import predict
+from tasks.lib import mnist
+from tasks.lib.params import Paths, parse_params
 from tasks.train import train_model
 
 from .conftest import make_params_document, synthetic_arrays

@@ -1,4 +1,4 @@
-"""tasks/production.py: crash-safe publish, prune and reconcile of models/production and the registry.
+"""tasks/lib/registry/production.py: crash-safe publish, prune and reconcile of models/production and the registry.
 
 The production module moves directories and rewrites a JSON file; it never loads a model, so these
 tests use model-shaped directories (the files a SavedModel has) and need no TensorFlow. The kill
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.production import (
+from tasks.lib.registry.production import (
     RegistryError,
     is_complete,
     locked,
@@ -74,10 +74,13 @@ def test_versions_continue_after_the_highest_recorded(store: dict[str, Path]) ->
 
 def test_versions_continue_after_the_highest_git_tag(store: dict[str, Path], tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    """Tags count from the repository holding production/, not the working directory's."""
+    """Tags count from the repository holding production/, not the working directory's. Only GTO's
+    registrations count: annotated tags of the form mnist-mlp@vN.0.0 (GTO ignores lightweight tags)."""
     repository = tmp_path / "repo"
     repository.mkdir()
-    tags = [["tag", "mnist-mlp@v12.0.0"], ["tag", "mnist-mlp@v40"], ["tag", "other@v99.0.0"]]  # only GTO's form counts
+    annotated = ["-c", "user.name=t", "-c", "user.email=t@t", "tag", "-a", "-m", "registered"]
+    tags = [[*annotated, "mnist-mlp@v12.0.0"], [*annotated, "mnist-mlp@v40"], [*annotated, "other@v99.0.0"],
+            ["tag", "mnist-mlp@v50.0.0"]]
     for command in (["init", "-q"], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty",
                                      "-m", "x"], *tags):
         subprocess.run(["git", *command], cwd=repository, check=True)
@@ -136,7 +139,7 @@ def test_a_damaged_registry_stops_everything(store: dict[str, Path]) -> None:
 _DRIVER = """
 import sys, random
 from pathlib import Path
-from tasks.production import locked, publish, reconcile
+from tasks.lib.registry.production import locked, publish, reconcile
 production, registry, a, b = map(Path, sys.argv[1:5])
 print("ready", flush=True)
 for round in range(10**6):

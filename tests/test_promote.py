@@ -13,11 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from tasks import mnist
-from tasks import model as network
-from tasks.params import Paths, PromoteParams, parse_params
-from tasks.production import RegistryError, locked, publish, reconcile, versions
-from tasks.promote import PromotionError, promote_candidate, rollback
+from tasks.lib import mnist
+from tasks.lib import model as network
+from tasks.lib.params import Paths, PromoteParams, parse_params
+from tasks.lib.registry.production import RegistryError, locked, publish, reconcile, tree_sha256, versions
+from tasks.lib.registry.rollback import rollback
+from tasks.promote import promote_candidate
 from tasks.train import train_model
 
 from .conftest import REPO_ROOT, make_params_document, tool_environment, tree_digest, write_synthetic
@@ -40,9 +41,8 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict:
 def _promote(models: dict, tmp_path: Path, candidate: str | Path, **thresholds: float):
     settings = {"min_accuracy": 0.5, "min_improvement": 0.0001, "keep_versions": 3} | thresholds
     candidate_dir = models[candidate] if isinstance(candidate, str) else candidate
-    (tmp_path / "params.yaml").write_text("fingerprinted: true\n")
     return promote_candidate(PromoteParams(**settings), _paths(tmp_path, candidate_dir, models["data"]),
-                             tmp_path / "params.yaml", data_sha256=models["params"].data.sha256)
+                             data_sha256=models["params"].data.sha256)
 
 
 def _paths(tmp_path: Path, candidate: Path = Path("unused"), data: Path = Path("unused")) -> Paths:
@@ -52,7 +52,7 @@ def _paths(tmp_path: Path, candidate: Path = Path("unused"), data: Path = Path("
 
 
 def _rollback(tmp_path: Path, to_version: int | None) -> int:
-    return rollback(PromoteParams(min_accuracy=0.5, min_improvement=0.0, keep_versions=5), _paths(tmp_path), to_version)
+    return rollback(_paths(tmp_path), to_version, keep_versions=5)
 
 
 def _registry(tmp_path: Path) -> list[dict]:
@@ -67,9 +67,10 @@ def test_first_candidate_needs_only_the_value_threshold(models: dict, tmp_path: 
     promotion = json.loads((tmp_path / "promotion.json").read_text())
     assert promotion["promoted"] is True and promotion["version"] == 1
     entry = _registry(tmp_path)[0]
-    for key in ("version", "time", "git_revision", "data_fingerprint", "params_fingerprint",
+    for key in ("version", "time", "git_revision", "data_fingerprint", "model_sha256",
                 "candidate_accuracy", "champion_accuracy", "promoted", "reason"):
         assert key in entry
+    assert entry["model_sha256"] == tree_sha256(models["good"])  # names the model: same files, same digest
 
 
 def test_better_candidate_replaces_the_re_evaluated_champion(models: dict, tmp_path: Path) -> None:
@@ -143,12 +144,12 @@ def test_rollback_republishes_an_earlier_version(models: dict, tmp_path: Path) -
         "action": "rollback", "restored_version": 1, "version": 3, "replaced_version": 2,
         "time": None, "git_revision": None}
     assert _rollback(tmp_path, 2) == 4
-    with pytest.raises(PromotionError, match="version 9 is not in"):
+    with pytest.raises(RegistryError, match="version 9 is not in"):
         _rollback(tmp_path, 9)
 
 
 def test_rollback_with_nothing_to_restore(tmp_path: Path) -> None:
-    with pytest.raises(PromotionError, match="nothing to roll back to"):
+    with pytest.raises(RegistryError, match="nothing to roll back to"):
         _rollback(tmp_path, None)
 
 
@@ -161,7 +162,7 @@ def test_publish_killed_midway_leaves_only_complete_versions(models: dict, tmp_p
     script = (
         "import shutil, time\n"
         "from pathlib import Path\n"
-        "from tasks import production as promote\n"
+        "from tasks.lib.registry import production as promote\n"
         "original = shutil.copyfile\n"
         "def slow_copy(*args, **kwargs):\n"
         "    print('copying', flush=True); time.sleep(1.0); return original(*args, **kwargs)\n"
@@ -186,7 +187,7 @@ def test_publish_killed_midway_leaves_only_complete_versions(models: dict, tmp_p
 
 
 def test_corrupt_registry_is_a_clear_error_and_left_alone(tmp_path: Path) -> None:
-    from tasks.production import append_registry
+    from tasks.lib.registry.production import append_registry
 
     registry = tmp_path / "registry.json"
     registry.write_text('[{"action": "promote"')  # truncated by hand
@@ -208,7 +209,7 @@ def test_rollback_refuses_a_version_that_cannot_serve(models: dict, tmp_path: Pa
     _publish(models["good"], tmp_path)
     (production / "1" / "saved_model.pb").write_bytes(b"damaged")
     before = tree_digest(production)
-    with pytest.raises(PromotionError, match="version 1 cannot serve, so it is not restored"):
+    with pytest.raises(RegistryError, match="version 1 cannot serve, so it is not restored"):
         _rollback(tmp_path, 1)
     assert tree_digest(production) == before and len(_registry(tmp_path)) == 2
 
@@ -240,6 +241,5 @@ def test_tampered_test_data_is_refused_before_anything_changes(models: dict, tmp
     labels.write_bytes(labels.read_bytes()[:-1] + bytes([(labels.read_bytes()[-1] + 1) % 10]))
     with pytest.raises(mnist.DataError, match="t10k-labels-idx1-ubyte was changed or damaged"):
         promote_candidate(PromoteParams(min_accuracy=0.5, min_improvement=0.0, keep_versions=3),
-                          _paths(tmp_path, models["good"], data), tmp_path / "params.yaml",
-                          data_sha256=models["params"].data.sha256)
+                          _paths(tmp_path, models["good"], data), data_sha256=models["params"].data.sha256)
     assert not (tmp_path / "registry.json").exists() and versions(tmp_path / "production") == []

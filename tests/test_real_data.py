@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tasks import mnist
 from tasks.download import download_mnist
-from tasks.params import IDX_FILE_NAMES, PYPI_SOURCE, load_params
+from tasks.lib import mnist
+from tasks.lib.params import IDX_FILE_NAMES, PYPI_SOURCE, load_params
 
 from .conftest import REPO_ROOT, raw_data_at
 

@@ -27,8 +27,9 @@ import numpy as np
 import pytest
 import yaml
 
-from flows import team as team_module
 from flows.server import PrefectServer, start_server
+from tasks.lib import repository as team_module
+from tasks.lib.registry import tags
 
 from .conftest import (
     REPO_ROOT,
@@ -290,13 +291,13 @@ def test_two_runs_triggered_together_never_overlap_and_the_second_starts_from_th
 
 
 def test_dvc_artifacts_get_fetches_the_prod_model_which_loads_and_predicts(team: Team, tmp_path: Path) -> None:
-    from tasks.model import load_serving_model, predict_logits
+    from tasks.lib.model import load_serving_model, predict_logits
 
     dvc(tmp_path, "artifacts", "get", str(team.remote), "mnist-mlp", "--stage", "prod", "-o", "prod")
     version = max(int(entry.name) for entry in (tmp_path / "prod").iterdir())
     fresh = team.clone(tmp_path / "fresh")
     run_command(["git", "fetch", "-q", "--tags"], fresh)
-    assert team_module.prod_version(fresh) == version == max(team_module.registered_versions(fresh))
+    assert tags.prod_version(fresh) == version == max(tags.registered_versions(fresh))
     shown = json.loads(run_command([str(Path(sys.executable).parent / "gto"), "show", "--json"], fresh).stdout)
     assert shown["mnist-mlp"]["stage"]["prod"] == f"v{version}.0.0"
 
@@ -310,26 +311,27 @@ def test_dvc_artifacts_get_fetches_the_prod_model_which_loads_and_predicts(team:
 
 
 def test_assign_prod_rolls_back_to_an_earlier_version_for_everyone(team: Team, tmp_path: Path) -> None:
-    if len(team_module.registered_versions(team.remote)) < 2:  # run alone (-k): promote a second version first
+    if len(tags.registered_versions(team.remote)) < 2:  # run alone (-k): promote a second version first
         teammate_change(team, tmp_path / "teammate", "Promote above 0.55", "promote", min_accuracy=0.55)
         _completed(team, run_once(team))
     operator = team.clone(tmp_path / "operator")
     run_command(["git", "fetch", "-q", "--tags"], operator)
-    newest = max(team_module.registered_versions(operator))
+    newest = max(tags.registered_versions(operator))
     for version in (1, newest):  # roll back to version 1, then forward again
-        result = run_command([sys.executable, "-m", "flows.team", "assign-prod", str(version), "--push"], operator)
+        result = run_command([sys.executable, "-m", "tasks.commands.registry", "assign-prod", str(version), "--push"],
+                             operator)
         assert f"mnist-mlp: version {version} is in prod" in result.stdout
         target = tmp_path / f"prod-{version}"
         dvc(tmp_path, "artifacts", "get", str(team.remote), "mnist-mlp", "--stage", "prod", "-o", target.name)
         assert max(int(entry.name) for entry in target.iterdir()) == version
-    missing = run_command([sys.executable, "-m", "flows.team", "assign-prod", "99"], operator, check=False)
+    missing = run_command([sys.executable, "-m", "tasks.commands.registry", "assign-prod", "99"], operator, check=False)
     assert missing.returncode == 1 and "version 99 is not registered" in missing.stderr
 
 
 def test_fresh_clone_numbers_a_new_version_after_every_registered_one(team: Team, tmp_path: Path) -> None:
     operator = team.clone(tmp_path / "operator")
     run_command(["git", "fetch", "-q", "--tags"], operator)
-    registered = team_module.registered_versions(operator)
+    registered = tags.registered_versions(operator)
     assert registered == list(range(1, len(registered) + 1))  # versions 1..N, N >= 1 (the baseline)
     teammate_change(team, tmp_path / "teammate", "Train 100 steps", "train", steps=100)
     run = run_once(team)  # the worker starts from a fresh clone of the remote
@@ -342,7 +344,7 @@ def test_fresh_clone_numbers_a_new_version_after_every_registered_one(team: Team
 def test_local_loop_never_commits_or_pushes(team: Team, tmp_path: Path) -> None:
     before = team.refs()
     clone = team.clone(tmp_path / "local")
-    run_command([sys.executable, "-m", "flows.team", "pull"], clone)  # what `make run` does first
+    run_command([sys.executable, "-m", "tasks.commands.pull"], clone)  # what `make run` does first
     document = yaml.safe_load((clone / "params.yaml").read_text())
     document["promote"]["min_accuracy"] = 0.54
     (clone / "params.yaml").write_text(yaml.safe_dump(document, sort_keys=False))
@@ -358,7 +360,7 @@ def test_local_loop_never_commits_or_pushes(team: Team, tmp_path: Path) -> None:
 
 def test_make_run_pulls_what_the_remote_has_then_repro_skips_it(team: Team, tmp_path: Path) -> None:
     clone = team.clone(tmp_path / "fresh")
-    result = run_command([sys.executable, "-m", "flows.team", "pull"], clone)
+    result = run_command([sys.executable, "-m", "tasks.commands.pull"], clone)
     assert result.stdout.startswith("dvc pull: pulled data/raw, models/candidate, models/production")
     assert result.stderr == ""
     repro = dvc(clone, "repro").stdout
@@ -370,7 +372,7 @@ def test_make_run_is_quiet_about_an_empty_or_missing_remote(team: Team, tmp_path
     (tmp_path / "empty-remote").mkdir()
     for remote in (tmp_path / "no-such-remote", tmp_path / "empty-remote"):
         dvc(clone, "remote", "modify", "--local", "team", "url", str(remote))
-        result = run_command([sys.executable, "-m", "flows.team", "pull"], clone)
+        result = run_command([sys.executable, "-m", "tasks.commands.pull"], clone)
         assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
         assert team_module.missing_outputs(clone) == ["data/raw", "models/candidate", "models/production"]
 

@@ -1,4 +1,4 @@
-"""tasks/train.py and tasks/trainer.py: the seed's algorithm, determinism, resume, divergence."""
+"""tasks/train.py and tasks/lib/trainer.py: the seed's algorithm, determinism, resume, divergence."""
 
 from __future__ import annotations
 
@@ -9,26 +9,20 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 
-from tasks import mnist
-from tasks.checkpoints import newest_checkpoint, read_state
-from tasks.params import Params, Paths, TrainParams, parse_params
-from tasks.train import (
-    CURVE_COLUMNS,
-    BatchOrder,
-    TrainingDiverged,
-    learning_rate_at,
-    learning_rates,
-    moving_average_decays,
-    train_model,
-)
-from tasks.trainer import Trainer
+from tasks.lib import mnist
+from tasks.lib.checkpoints import newest_checkpoint, read_state
+from tasks.lib.divergence import TrainingDiverged, read_record
+from tasks.lib.params import Params, Paths, TrainParams, parse_params
+from tasks.lib.schedules import BatchOrder, learning_rate_at, learning_rates, moving_average_decays
+from tasks.lib.trainer import Trainer
+from tasks.train import CURVE_COLUMNS, train_model
 
 from .conftest import (
     dvc,
@@ -201,10 +195,15 @@ def test_outputs_and_learning(params: Params, tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
-def test_divergence_stops_with_the_step_and_rate_and_writes_no_model(params: Params, tmp_path: Path) -> None:
-    with pytest.raises(TrainingDiverged, match=r"at step \d+ with learning rate 100"):
+def test_divergence_stops_with_the_step_and_rate_and_writes_no_model(params: Params, tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(TrainingDiverged, match=r"at step \d+ with learning rate 100") as raised:
         _run(params, tmp_path, learning_rate=100.0, learning_rate_decay=1.0, l2_rate=1.0)
     assert not (tmp_path / "candidate").exists()
+    # Why it stopped, as data: in the DVCLive summary and as the record line a failed experiment's log keeps.
+    stopped = json.loads((tmp_path / "reports" / "metrics.json").read_text())["stopped"]
+    assert stopped == asdict(raised.value.divergence) and stopped["reason"] == "diverged"
+    assert read_record(capsys.readouterr().out) == raised.value.divergence
 
 
 @pytest.mark.slow
@@ -267,7 +266,7 @@ def test_ablated_networks_train(params: Params, tmp_path: Path, hidden_units: in
 
 def test_finite_divergence_above_max_loss_stops_training(params: Params, tmp_path: Path) -> None:
     """A rate of 100 throws the loss up to ~1e7 and back without ever making it NaN; only
-    train.max_loss notices. The seed's own settings peak at 12.3 on MNIST (tasks/params.py)."""
+    train.max_loss notices. The seed's own settings peak at 12.3 on MNIST (tasks/lib/params.py)."""
     with pytest.raises(TrainingDiverged, match=r"reached [\d.e+]+ \(above train.max_loss 100\) at step 1 with "
                                                r"learning rate 100"):
         _run(params, tmp_path, learning_rate=100.0)

@@ -1,4 +1,4 @@
-"""tasks/trainer.py: the XLA-compiled loop computes the plain algorithm, deterministically.
+"""tasks/lib/trainer.py: the XLA-compiled loop computes the plain algorithm, deterministically.
 
 The Trainer runs many steps in one XLA-compiled loop, with the schedule computed per call and
 the L2 penalty left out of the per-step loss. The reference below is the textbook version
@@ -18,11 +18,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tasks import mnist
-from tasks import model as network
-from tasks.params import ModelParams, Params, TrainParams
-from tasks.train import BatchOrder, learning_rates, moving_average_decays
-from tasks.trainer import Trainer
+from tasks.lib import mnist
+from tasks.lib import model as network
+from tasks.lib.params import ModelParams, Params, TrainParams
+from tasks.lib.schedules import BatchOrder, learning_rates, moving_average_decays
+from tasks.lib.trainer import Trainer
 
 
 def _reference_run(model: ModelParams, train: TrainParams, images: np.ndarray, labels: np.ndarray,

@@ -6,18 +6,13 @@ with a message naming the file, the key path, the bad value and the constraint. 
 read defensively first: at most 1 MiB, UTF-8, no YAML aliases, nesting bounded, so a hostile
 or broken file fails in milliseconds with one short line (``make run`` and the Prefect flow
 check it before DVC reads it).
-
-    python -m tasks.params check [PATH]     # exit 0 when PATH (default params.yaml) is valid
+``python -m tasks.commands.check_params [PATH]`` is the same check on the command line.
 """
 
 from __future__ import annotations
 
-import argparse
 import difflib
-import os
 import re
-import sys
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from functools import cache
@@ -301,8 +296,6 @@ def parse_params(raw: Any, path: Path = DEFAULT_PARAMS_PATH) -> Params:
         raise ParamsError("invalid parameters:\n  " + "\n  ".join(lines)) from None
 
 
-
-
 class _ParamsLoader(yaml.SafeLoader):
     """yaml.safe_load's loader, refusing aliases and deep nesting. An alias (``*name``) repeats
     a node by reference, so a few lines can stand for billions of values (a "billion laughs"
@@ -353,47 +346,3 @@ def load_params(path: Path = DEFAULT_PARAMS_PATH) -> Params:
 @cache
 def _load_params(resolved: Path, shown: Path) -> Params:
     return parse_params(read_params_document(shown), shown)
-
-
-def run_stage(argv: list[str] | None, description: str, work: Callable[[Params], object],
-              expected_errors: tuple[type[Exception], ...],
-              cached_outputs: Callable[[Params], list[str]] = lambda params: []) -> int:
-    """The `python -m tasks.<stage>` entry: parse --params, validate, run; errors become one line.
-
-    ``cached_outputs``: the stage's outputs in DVC's cache. `dvc repro` deletes a stage's
-    outputs before running it, so when the stage fails under DVC a second line says how to get
-    the previous ones back."""
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--params", type=Path, default=DEFAULT_PARAMS_PATH, help="the params file")
-    args = parser.parse_args(argv)
-    params = None
-    try:
-        params = load_params(args.params)
-        work(params)
-    except (ParamsError, FileNotFoundError, *expected_errors) as error:
-        print(f"error: {error}", file=sys.stderr)
-        outputs = cached_outputs(params) if params is not None else []
-        if outputs and os.environ.get("DVC_STAGE"):  # DVC sets it for the commands of its stages
-            print(f"note: `dvc repro` deleted {', '.join(outputs)} before running this stage; "
-                  f"`dvc checkout {' '.join(outputs)}` brings back the previous version", file=sys.stderr)
-        return 1
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if not args or args[0] != "check" or len(args) > 2:
-        print("usage: python -m tasks.params check [PATH]", file=sys.stderr)
-        return 2
-    path = Path(args[1]) if len(args) == 2 else DEFAULT_PARAMS_PATH
-    try:
-        load_params(path)
-    except ParamsError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    print(f"{path}: ok")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -7,8 +7,8 @@ small) is paid once per call, not once per step. The loop is functional: weights
 images, labels, batch indices and the per-step schedule go in as arguments, the new weights,
 averages and each step's loss come out. XLA fuses the L2 term into the SGD update and the
 moving average into one more pass: two elementwise passes over W1 per step, where TensorFlow's
-graph executor makes four or five (bench/train_speed.py times both; bench/graph_trainer.py
-keeps the graph-mode trainer this one replaced). Between calls the weights and averages live
+graph executor makes four or five (docs/training.md; ``bench/train_speed.py --baseline 21e9733``
+times the graph-mode trainer this one replaced). Between calls the weights and averages live
 in ``tf.Variable``s, where checkpoints and evaluation read them.
 
 One compiled program serves every call: the batch indices are padded to
@@ -21,11 +21,11 @@ input: tests/test_trainer.py checks both bit for bit.
 from __future__ import annotations
 
 import numpy as np
-import tensorflow as tf
 
-from tasks import model as network
-from tasks.params import ModelParams, TrainParams
-from tasks.train import learning_rates, moving_average_decays
+from tasks.lib import model as network
+from tasks.lib.params import ModelParams, TrainParams
+from tasks.lib.schedules import learning_rates, moving_average_decays
+from tasks.lib.tf_loader import tf
 
 
 class Trainer(tf.Module):
@@ -85,7 +85,7 @@ class Trainer(tf.Module):
 
     def _schedule(self, first_step: int, count: int, rows: int) -> tuple[np.ndarray, np.ndarray]:
         """Learning rate and moving-average decay of the ``count`` steps from ``first_step``, as
-        tasks/train.py defines them (float32, as TensorFlow works them), padded with zeros to ``rows``."""
+        tasks/lib/schedules.py defines them (float32, as TensorFlow works them), padded with zeros to ``rows``."""
         steps = np.zeros(rows, np.int64)
         steps[:count] = np.arange(first_step, first_step + count)
         rates, decays = learning_rates(self.train, self.decay_steps, steps), moving_average_decays(self.train, steps)

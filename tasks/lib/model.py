@@ -22,14 +22,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from tasks.lib.tf_loader import tf  # before anything of TensorFlow: it loads quietly there
+
+# isort: split
 import numpy as np
-import tensorflow as tf
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 from tensorflow.core.protobuf import fingerprint_pb2, saved_model_pb2
 from tensorflow.python.saved_model.pywrap_saved_model import fingerprinting  # TF's own fingerprint hashes
 
-from tasks.params import ModelParams
+from tasks.lib.params import ModelParams
 
 INPUT_SIZE = 784
 NUM_CLASSES = 10
@@ -60,21 +62,14 @@ def layers(variables: Sequence[tf.Tensor]) -> list[tuple[tf.Tensor, tf.Tensor]]:
     return list(zip(variables[0::2], variables[1::2]))
 
 
-def forward(images: tf.Tensor, variables: Sequence[tf.Tensor], activation: str) -> tuple[list[tf.Tensor], tf.Tensor]:
-    """The seed's forward pass on float images (n, 784): the input of every layer, and the logits.
-
-    The layer inputs are what the trainer's hand-written backward pass needs."""
-    inputs = [images]
-    for weights, biases in layers(variables)[:-1]:
-        hidden = tf.nn.bias_add(tf.matmul(inputs[-1], weights), biases)
-        inputs.append(tf.nn.relu(hidden) if activation == "relu" else hidden)
-    weights, biases = layers(variables)[-1]
-    return inputs, tf.nn.bias_add(tf.matmul(inputs[-1], weights), biases)
-
-
 def inference(images: tf.Tensor, variables: Sequence[tf.Tensor], activation: str) -> tf.Tensor:
     """Logits of float images (n, 784): the seed's mnist_inference."""
-    return forward(images, variables, activation)[1]
+    hidden = images
+    for weights, biases in layers(variables)[:-1]:
+        hidden = tf.nn.bias_add(tf.matmul(hidden, weights), biases)
+        hidden = tf.nn.relu(hidden) if activation == "relu" else hidden
+    weights, biases = layers(variables)[-1]
+    return tf.nn.bias_add(tf.matmul(hidden, weights), biases)
 
 
 def weight_matrices(variables: Sequence[tf.Variable]) -> list[tf.Variable]:

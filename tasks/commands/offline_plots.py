@@ -6,8 +6,8 @@ every interactive plot is blank. ``.dvc/config`` points ``plots.html_template`` 
 self-contained file, wherever `-o` writes it). The versions are the ones DVC's renderer asks
 the CDN for; each script is checked against its SHA-256 before it goes into the page.
 
-    python -m tasks.offline_plots            # rebuild .dvc/plots-offline.html from the npm registry
-    python -m tasks.offline_plots --check    # verify the committed template (no network)
+    python -m tasks.commands.offline_plots            # rebuild .dvc/plots-offline.html from the npm registry
+    python -m tasks.commands.offline_plots --check    # verify the committed template (no network)
 """
 
 from __future__ import annotations
@@ -15,13 +15,13 @@ from __future__ import annotations
 import argparse
 import hashlib
 import re
-import subprocess
 import sys
 import tarfile
 import tempfile
 from pathlib import Path
 
-from tasks.atomic import write_bytes_atomic
+from tasks.lib import processes
+from tasks.lib.atomic import write_bytes_atomic
 
 TEMPLATE = Path(".dvc/plots-offline.html")
 # (npm package@version, file inside the package tarball, SHA-256 of that file)
@@ -85,7 +85,7 @@ def fetch_scripts() -> dict[str, str]:
     scripts = {}
     with tempfile.TemporaryDirectory(prefix="vega-") as scratch:
         for package, member, sha256 in SCRIPTS:
-            result = subprocess.run(["npm", "pack", "--silent", package], cwd=scratch, capture_output=True, text=True)
+            result = processes.run(["npm", "pack", "--silent", package], cwd=scratch)
             if result.returncode != 0:
                 raise TemplateError(f"npm pack {package} failed: {result.stderr.strip()[-300:]}")
             tarball = Path(scratch) / result.stdout.strip().splitlines()[-1]

@@ -4,10 +4,10 @@ Not a pipeline stage: a driver for `dvc exp`. For every variant and every seed (
 0..S-1) it queues one experiment up to the `evaluate` stage (experiments never publish to
 production), named `<variant>-s<seed>` (`<variant>-<N>steps-s<seed>` with --steps), runs the
 queue one at a time (two cores: parallel runs would only slow each other down), and writes the
-table (`tasks.comparison`) from `dvc exp show` to stdout, `<output>/table.md` and
+table (`tasks.lib.comparison`) from `dvc exp show` to stdout, `<output>/table.md` and
 `<output>/accuracy.png`. The experiments stay in DVC: `dvc exp show`, `dvc exp diff`, `dvc exp apply`.
 
-    python -m tasks.experiments --seeds 5 [--steps N] [--only VARIANT ...] [--report-only [--rev COMMIT]]
+    python -m tasks.commands.experiments --seeds 5 [--steps N] [--only VARIANT ...] [--report-only [--rev COMMIT]]
     make experiments SEEDS=5 [STEPS=N]
 
 Calling it again resumes the grid (experiments of the current commit, as `dvc exp show` lists them):
@@ -26,8 +26,6 @@ import argparse
 import json
 import os
 import platform
-import re
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -35,9 +33,10 @@ from pathlib import Path
 
 import yaml
 
-from tasks.atomic import write_bytes_atomic
-from tasks.comparison import Outcome, Row, accuracy_figure, markdown_table
-from tasks.environment import child_environment
+from tasks.lib import repository
+from tasks.lib.atomic import write_bytes_atomic
+from tasks.lib.comparison import Outcome, Row, accuracy_figure, markdown_table
+from tasks.lib.divergence import read_record
 
 # The seed's ablations, each a set of `-S` overrides of params.yaml.
 VARIANTS: dict[str, list[str]] = {
@@ -53,12 +52,11 @@ VARIANTS: dict[str, list[str]] = {
 }
 DEFAULT_OUTPUT = Path("reports/experiments")
 TABLE_FILE, FIGURE_FILE = "table.md", "accuracy.png"
-DIVERGED = re.compile(r"training diverged: the loss (?:became \S+|reached .+?) at step (\d+)")
 
 
 def dvc(*arguments: str, capture: bool = False) -> str:
-    result = subprocess.run([sys.executable, "-m", "dvc", *arguments], env=child_environment(), text=True,
-                            capture_output=capture)
+    """`dvc <arguments>` here, its output shown (or, with ``capture``, returned); exit on failure."""
+    result = repository.dvc(Path.cwd(), *arguments, timeout=None, capture=capture)
     if result.returncode != 0:
         detail = (result.stderr or "").strip().splitlines()[-1:] if capture else []
         raise SystemExit(f"error: `dvc {' '.join(arguments)}` failed with exit code {result.returncode} "
@@ -152,10 +150,10 @@ def diverged_at(experiment: Experiment) -> int | None:
     if experiment.state != "failed" or not experiment.log:
         return None
     try:
-        match = DIVERGED.search(Path(experiment.log).read_text(errors="replace"))
+        record = read_record(Path(experiment.log).read_text(errors="replace"))  # the train stage's stop record
     except OSError:
         return None
-    return int(match.group(1)) if match else None
+    return record.step if record else None
 
 
 def _process_gone(pid: int | None) -> bool:
@@ -308,7 +306,7 @@ def run_grid(points: list[Planned], jobs: int) -> None:
 
 
 def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m tasks.experiments", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tasks.commands.experiments", description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, default=2, help="seeds per variant: train.seed 0..SEEDS-1")
     parser.add_argument("--steps", type=int, default=None, help="override train.steps (quick runs)")
     parser.add_argument("--jobs", type=int, default=1, help="experiments run at once")

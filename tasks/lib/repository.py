@@ -1,4 +1,4 @@
-"""Team mode: a run that follows a git branch and records itself in git, DVC and DVC's model registry.
+"""git and DVC on the project's repository: team mode's branch, remotes and results commit.
 
 A published run (``python -m flows.pipeline --publish``, or the work-pool deployment of
 prefect.yaml, whose worker clones the branch first) goes:
@@ -8,43 +8,28 @@ prefect.yaml, whose worker clones the branch first) goes:
    remote has, so nothing computed before is computed again and the champion is known;
 2. the stages, through the flow, as in the local loop;
 3. only if a stage ran: ``push_data`` (``dvc push``) first, then ``publish_results``: one commit
-   of the results, rebased onto the branch if a teammate pushed meanwhile, the GTO tags of a
-   promoted version, and one atomic ``git push``. Data first: every commit on the git remote has
-   its data in the DVC remote. If the teammate's commits touch a file this run wrote, the run
-   fails and the git remote keeps what it had.
+   of the results, rebased onto the branch if a teammate pushed meanwhile, the registry tags of
+   a promoted version (``tasks.lib.registry.tags``), and one atomic ``git push``. Data first:
+   every commit on the git remote has its data in the DVC remote. If the teammate's commits
+   touch a file this run wrote, the run fails and the git remote keeps what it had.
 
-Registry: DVC's model registry is GTO's git tags. Version N of ``models/production/`` (TF
-Serving's integer versions) is registered as ``mnist-mlp@vN.0.0`` (GTO accepts only semantic
-versions, so ``@vN`` alone would be invisible to ``gto show``, ``dvc artifacts get`` and DVC
-Studio) at the commit that published it; the served one carries stage ``prod``
-(``mnist-mlp#prod#K``). ``dvc artifacts get <git-url> mnist-mlp --stage prod`` fetches
-``models/production/`` as of that commit, whose highest version is the one in ``prod``.
-
-No Prefect and no TensorFlow here: plain git, DVC and GTO, also usable from the command line:
-
-    python -m flows.team pull                     # what `make run` does first: dvc pull, quietly
-    python -m flows.team assign-prod N [--push]   # stage prod to registered version N (rollback)
-    python -m flows.team show                     # registered versions and the one in prod
+Every git and dvc command goes through ``git``/``dvc`` below (and so through
+``tasks.lib.processes``); DVC is asked through its Python API where it answers a question
+(``open_dvc_repo``), and as a command where it does work whose output a person reads.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import re
 import socket
 import subprocess
-import sys
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tasks.environment import child_environment
-from tasks.production import ARTIFACT_NAME, version_of_tag
+from tasks.lib import processes
 
-ARTIFACT = ARTIFACT_NAME
-STAGE = "prod"
 REMOTE = "origin"
 PUSH_ATTEMPTS = 3
 
@@ -67,13 +52,8 @@ class Publication:
     rebased_onto: str | None = None
 
 
-def gto_version(version: int) -> str:
-    """TF Serving version N as the semantic version GTO requires."""
-    return f"v{version}.0.0"
-
-
 def _git(repo: Path, arguments: tuple[str, ...]) -> subprocess.CompletedProcess:
-    return subprocess.run(["git", *arguments], cwd=repo, capture_output=True, text=True, env=child_environment())
+    return processes.run(["git", *arguments], cwd=repo)
 
 
 def git(repo: Path, *arguments: str, check: bool = True) -> str:
@@ -88,21 +68,41 @@ def git_succeeds(repo: Path, *arguments: str) -> bool:
     return _git(repo, arguments).returncode == 0
 
 
-def dvc(repo: Path, *arguments: str, timeout: float = 3600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dvc", *arguments], cwd=repo, capture_output=True, text=True,
-                          env=child_environment(), timeout=timeout)
+def toplevel(path: Path) -> Path | None:
+    """The root of the git work tree that holds ``path`` (a directory), or None outside git."""
+    result = _git(path, ("rev-parse", "--show-toplevel")) if path.is_dir() else None
+    return Path(result.stdout.strip()) if result is not None and result.returncode == 0 else None
+
+
+def git_revision(repo: Path) -> str:
+    """The commit checked out in ``repo``, or "unknown" outside git."""
+    result = _git(repo, ("rev-parse", "HEAD"))
+    return result.stdout.strip() if result.returncode == 0 else "unknown"
+
+
+def dvc(repo: Path, *arguments: str, timeout: float | None = 3600, capture: bool = True) -> subprocess.CompletedProcess:
+    """Run `dvc` (this interpreter's) in ``repo``; with ``capture`` False its output goes to the terminal."""
+    return processes.run(processes.python_module("dvc", *arguments), cwd=repo, timeout=timeout, capture=capture)
+
+
+def dvc_stream(repo: Path, arguments: list[str], timeout: float,
+               on_line: Callable[[str], object]) -> tuple[int, list[str]]:
+    """Run `dvc` in ``repo`` handing each output line to ``on_line`` (a Prefect task's log)."""
+    return processes.stream(processes.python_module("dvc", *arguments), repo, timeout, on_line)
 
 
 @contextlib.contextmanager
-def _dvc_repo(repo: Path) -> Iterator:
-    from dvc.repo import Repo
+def open_dvc_repo(repo: Path) -> Iterator:
+    """DVC's Python API, in-process (a `dvc` process start costs about a second). DVC resolves
+    paths against the working directory, so work from the repository root while it runs."""
+    from dvc.repo import Repo  # DVC's import is slow; only callers that ask DVC something pay it
 
-    with contextlib.chdir(repo), Repo(".") as dvc_repo:  # DVC resolves paths from the working directory
+    with contextlib.chdir(repo), Repo(".") as dvc_repo:
         yield dvc_repo
 
 
 def default_remote(repo: Path) -> str | None:
-    with _dvc_repo(repo) as dvc_repo:
+    with open_dvc_repo(repo) as dvc_repo:
         return dvc_repo.config["core"].get("remote")
 
 
@@ -146,7 +146,7 @@ def start_from_branch(repo: Path) -> RunStart:
 
 def missing_outputs(repo: Path) -> list[str]:
     """Outputs recorded in dvc.lock and kept in DVC's cache that are absent from the workspace."""
-    with _dvc_repo(repo) as dvc_repo:
+    with open_dvc_repo(repo) as dvc_repo:
         return [out.def_path for out in dvc_repo.index.outs if out.use_cache and out.hash_info and not out.exists]
 
 
@@ -205,7 +205,7 @@ def push_data(repo: Path, timeout: float = 3600) -> str:
 
 def result_paths(repo: Path) -> list[str]:
     """What git records of a run: dvc.lock, the outputs DVC leaves to git, the .gitignore DVC writes."""
-    with _dvc_repo(repo) as dvc_repo:
+    with open_dvc_repo(repo) as dvc_repo:
         outs = list(dvc_repo.index.outs)
     paths = {"dvc.lock"} | {out.def_path for out in outs if not out.use_cache}
     paths |= {str(Path(out.def_path).parent / ".gitignore") for out in outs if out.use_cache}
@@ -238,8 +238,10 @@ def _rebase_onto(repo: Path, tip: str) -> None:
         raise TeamError(f"could not rebase this run's commit onto {tip[:12]}; nothing was pushed to git")
 
 
-def publish_results(repo: Path, start: RunStart, message: str, promoted_version: int | None) -> Publication:
-    """Commit the results, tag a promoted version, push both to the branch in one atomic push."""
+def publish_results(repo: Path, start: RunStart, message: str,
+                    tag_commit: Callable[[], list[str]] = lambda: []) -> Publication:
+    """Commit the results, tag the commit (``tag_commit``: make the local tags of HEAD, return
+    their names; the registry's, for a promoted version), push both in one atomic push."""
     commit = commit_results(repo, message)
     if commit is None:
         return Publication(None, start.branch)
@@ -249,7 +251,7 @@ def publish_results(repo: Path, start: RunStart, message: str, promoted_version:
         if git(repo, "rev-parse", "HEAD~1") != tip:
             _rebase_onto(repo, tip)
             rebased_onto = tip
-        tags = register_promotion(repo, promoted_version) if promoted_version else []
+        tags = tag_commit()
         if _push(repo, start.branch, tags):
             return Publication(git(repo, "rev-parse", "HEAD"), start.branch, tags, rebased_onto)
         for tag in tags:  # the branch moved again: tag the rebased commit next time
@@ -266,106 +268,3 @@ def _push(repo: Path, branch: str, tags: list[str]) -> bool:
     if re.search(rf"refs/heads/{re.escape(branch)}\t\[rejected\] \((fetch first|non-fast-forward)\)", result.stdout):
         return False
     raise TeamError(f"git push to {REMOTE} failed; nothing was pushed:\n{(result.stdout + result.stderr).strip()}")
-
-
-# ---- the model registry (GTO tags) -------------------------------------------------------------
-
-def registered_versions(repo: Path) -> list[int]:
-    """TF Serving versions registered as ``mnist-mlp@vN.0.0`` tags, ascending."""
-    names = git(repo, "tag", "--list", f"{ARTIFACT}@v*").splitlines()
-    return sorted(version for name in names if (version := version_of_tag(name)) is not None)
-
-
-def prod_version(repo: Path) -> int | None:
-    """The version in stage prod as `dvc artifacts get --stage prod` finds it: the newest assignment."""
-    assignments = git(repo, "for-each-ref", "--sort=taggerdate", "--format=%(*objectname)",
-                      f"refs/tags/{ARTIFACT}#{STAGE}#*").split()
-    if not assignments:
-        return None
-    names = git(repo, "tag", "--points-at", assignments[-1], "--list", f"{ARTIFACT}@v*").splitlines()
-    versions = [version for name in names if (version := version_of_tag(name)) is not None]
-    return max(versions, default=None)
-
-
-def _tags(repo: Path) -> set[str]:
-    return set(git(repo, "tag", "--list", f"{ARTIFACT}[@#]*").splitlines())
-
-
-def _after_last_assignment(repo: Path) -> None:
-    """GTO and DVC order stage assignments by tag time, in whole seconds: the new one must come later."""
-    times = git(repo, "for-each-ref", "--format=%(taggerdate:unix)", f"refs/tags/{ARTIFACT}#{STAGE}#*").split()
-    wait = max((int(value) for value in times if value.isdigit()), default=0) + 1 - time.time()
-    if wait > 5:
-        raise TeamError(f"the newest {STAGE} assignment is {wait:.0f} s in this machine's future; a new one "
-                        "would sort before it. Check this machine's clock; nothing was tagged")
-    time.sleep(max(wait, 0))
-
-
-def register_promotion(repo: Path, version: int) -> list[str]:
-    """Register version N at HEAD and assign it stage prod; return the new local tags."""
-    from gto.api import assign, register
-    from gto.exceptions import GTOException
-
-    before = _tags(repo)
-    try:
-        register(str(repo), ARTIFACT, "HEAD", version=gto_version(version),
-                 message=f"Register {ARTIFACT} version {version} (models/production/{version})")
-        _after_last_assignment(repo)
-        assign(str(repo), ARTIFACT, STAGE, version=gto_version(version), force=True,
-               message=f"Assign {ARTIFACT} version {version} to {STAGE}")
-    except GTOException as error:
-        raise TeamError(f"cannot register {ARTIFACT} version {version}: {error}; nothing was pushed to git") from None
-    return sorted(_tags(repo) - before)
-
-
-def assign_prod(repo: Path, version: int, push: bool) -> str:
-    """Stage prod to an already registered version (a rollback); return the assignment tag."""
-    from gto.api import assign
-
-    if push:
-        git(repo, "fetch", "--quiet", "--tags", "--force", REMOTE)
-    known = registered_versions(repo)
-    if version not in known:
-        raise TeamError(f"{ARTIFACT} version {version} is not registered (registered: {known or 'none'})")
-    ensure_identity(repo)
-    before = _tags(repo)
-    _after_last_assignment(repo)
-    assign(str(repo), ARTIFACT, STAGE, version=gto_version(version), force=True,
-           message=f"Assign {ARTIFACT} version {version} to {STAGE}")
-    (tag,) = _tags(repo) - before
-    if push:
-        git(repo, "push", "--quiet", REMOTE, f"refs/tags/{tag}")
-    return tag
-
-
-# ---- command line -------------------------------------------------------------------------------
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--repo", type=Path, default=Path("."), help="the project directory")
-    commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("pull", help="dvc pull the outputs missing here from the default remote, quietly")
-    assign_parser = commands.add_parser("assign-prod", help="assign stage prod to a registered version")
-    assign_parser.add_argument("version", type=int)
-    assign_parser.add_argument("--push", action="store_true", help=f"push the tag to {REMOTE}")
-    commands.add_parser("show", help="registered versions and the one in prod")
-    args = parser.parse_args(argv)
-    repo = args.repo.resolve()
-    try:
-        if args.command == "pull":
-            outcome = pull_outputs(repo, required=False)
-            if outcome.pulled or outcome.failure:  # an empty or absent remote is no news
-                print(f"dvc pull: {outcome.summary()}")
-        elif args.command == "assign-prod":
-            tag = assign_prod(repo, args.version, args.push)
-            print(f"{ARTIFACT}: version {args.version} is in {STAGE} ({tag}{', pushed' if args.push else ''})")
-        else:
-            print(f"{ARTIFACT}: registered {registered_versions(repo) or 'none'}; in {STAGE}: {prod_version(repo)}")
-    except TeamError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -22,28 +22,27 @@ How each write keeps it:
   directory the registry does not know, saying so.
 
 Version numbers never restart: the next one follows the highest ever seen here, in the
-registry, or in the model registry's git tags (``mnist-mlp@v<N>.0.0``).
+registry, or in the model registry's git tags (``mnist-mlp@v<N>.0.0``, tasks/lib/registry/tags.py).
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import re
 import shutil
-import subprocess
 import tempfile
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
-from tasks.atomic import write_bytes_atomic
+from tasks.lib.atomic import write_bytes_atomic
+from tasks.lib.registry.tags import registered_versions
 
-ARTIFACT_NAME = "mnist-mlp"  # the model's name in DVC's model registry (dvc.yaml `artifacts:`)
 _STAGING = re.compile(r"^\.publishing-v(\d+)-")
-_VERSION_TAG = re.compile(rf"^{re.escape(ARTIFACT_NAME)}@v(\d+)\.0\.0$")
 _SET_ASIDE = re.compile(r"^\.(?:publishing-v|quarantine-)(\d+)-")  # numbers never to reuse
 # What a complete SavedModel directory holds (TF writes the variables index last).
 _REQUIRED_FILES = ("saved_model.pb", "variables/variables.index")
@@ -62,6 +61,18 @@ def versions(production: Path) -> list[int]:
     if not production.is_dir():
         return []
     return sorted(int(entry.name) for entry in production.iterdir() if entry.is_dir() and entry.name.isdigit())
+
+
+def tree_sha256(model_dir: Path) -> str:
+    """SHA-256 of a model directory's file names and bytes: equal exactly when the files are.
+    The export is byte-reproducible (tasks/lib/model.py), so it names the model's lineage."""
+    digest = hashlib.sha256()
+    for path in sorted(path for path in Path(model_dir).rglob("*") if path.is_file()):
+        digest.update(f"{path.relative_to(model_dir).as_posix()}\0{path.stat().st_size}\0".encode())
+        with open(path, "rb") as stream:
+            for block in iter(lambda: stream.read(1 << 20), b""):  # noqa: B023 - consumed in this iteration
+                digest.update(block)
+    return digest.hexdigest()
 
 
 def is_complete(model_dir: Path) -> bool:
@@ -91,32 +102,11 @@ def recorded_versions(history: list[dict]) -> set[int]:
     return {entry["version"] for entry in history if isinstance(entry.get("version"), int)}
 
 
-def version_tag(version: int) -> str:
-    """Version N's git tag in DVC's model registry (GTO accepts only semantic versions: ``@vN.0.0``)."""
-    return f"{ARTIFACT_NAME}@v{version}.0.0"
-
-
-def version_of_tag(name: str) -> int | None:
-    """N for the tag ``mnist-mlp@vN.0.0``; None for any other tag."""
-    match = _VERSION_TAG.match(name)
-    return int(match.group(1)) if match else None
-
-
-def tagged_versions(repository: Path) -> set[int]:
-    """Versions registered as git tags in ``repository`` (none if it is not a git repository)."""
-    try:
-        result = subprocess.run(["git", "tag", "--list", f"{ARTIFACT_NAME}@v*"], cwd=repository,
-                                capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return set()
-    return {version for name in result.stdout.split() if (version := version_of_tag(name)) is not None}
-
-
 def next_version(production: Path, history: list[dict]) -> int:
     """One past the highest version ever published here, recorded, or tagged in git."""
     # The tags of the repository that holds production/, whatever the working directory.
     holder = next(directory for directory in (production, *production.absolute().parents) if directory.is_dir())
-    seen = set(versions(production)) | recorded_versions(history) | tagged_versions(holder)
+    seen = set(versions(production)) | recorded_versions(history) | set(registered_versions(holder))
     seen |= {int(match.group(1)) for entry in _dot_entries(production) if (match := _SET_ASIDE.match(entry.name))}
     return max(seen, default=0) + 1
 

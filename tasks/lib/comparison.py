@@ -1,6 +1,6 @@
 """The seed's comparison over several seeds: Welch intervals, a markdown table and a PNG.
 
-Pure functions of the per-seed outcomes that `tasks.experiments` reads from `dvc exp show`:
+Pure functions of the per-seed outcomes that `tasks.commands.experiments` reads from `dvc exp show`:
 each variant's test accuracy (EMA and raw weights) as mean ± sample standard deviation over
 its seeds, and its difference to "all optimisations" with a 95 % Welch t interval. A verdict
 is "better" or "worse" only when that interval excludes 0; a variant whose runs were stopped
@@ -23,7 +23,7 @@ matplotlib.use("Agg")  # no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.transforms import offset_copy  # noqa: E402
 
-from tasks.atomic import write_bytes_atomic  # noqa: E402
+from tasks.lib.atomic import write_bytes_atomic  # noqa: E402
 
 REFERENCE = "all-optimisations"
 CONFIDENCE = 0.95

@@ -16,7 +16,7 @@ matplotlib.use("Agg")  # no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from tasks.atomic import write_bytes_atomic  # noqa: E402
+from tasks.lib.atomic import write_bytes_atomic  # noqa: E402
 
 
 def _save(figure: plt.Figure, path: Path) -> None:

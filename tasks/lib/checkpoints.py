@@ -23,8 +23,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from tasks.lib.tf_loader import tf  # before anything of TensorFlow: it loads quietly there
+
+# isort: split
 import numpy as np
-import tensorflow as tf
 from google.protobuf.message import DecodeError
 
 CURVE_WIDTH = 5  # step, loss, learning rate, validation accuracy raw and EMA

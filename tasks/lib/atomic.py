@@ -3,7 +3,7 @@
 Every stage writes through these two helpers. Both stage the new content beside the target (same
 filesystem, so the final rename is atomic) and leave nothing behind when they fail. A temporary
 file is named ``.<name>.*.tmp`` so that one left by a killed process is recognisable and can be
-swept away (``tasks.production.remove_stale_temporaries``).
+swept away (``tasks.lib.registry.production.remove_stale_temporaries``).
 """
 
 from __future__ import annotations

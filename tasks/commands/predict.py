@@ -1,6 +1,6 @@
 """Classify digits with the current production model (the highest ``models/production/<N>/``).
 
-    python -m tasks.predict digit.png [more.png ...] [t10k-images-idx3-ubyte ...]
+    python -m tasks.commands.predict digit.png [more.png ...] [t10k-images-idx3-ubyte ...]
 
 Images must be 28x28 (grayscale, or colour converted to grayscale) with a light digit on a
 dark background, as in MNIST; image files up to 1 MiB. An IDX image file (28x28 images, up to
@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks import mnist
-from tasks.params import ParamsError, load_params
+from tasks.lib import mnist
+from tasks.lib.params import ParamsError, load_params
 
 
 class InputError(ValueError):
@@ -80,7 +80,7 @@ def _read_image_file(path: Path) -> np.ndarray:
 
 
 def current_model_dir(production: Path) -> Path:
-    from tasks.production import versions
+    from tasks.lib.registry.production import versions
 
     published = versions(production)
     if not published:
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("paths", nargs="+", type=Path, help="PNG/JPEG digit images or IDX image files")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = parser.parse_args(argv)
-    from tasks.model import ModelLoadError, load_serving_model
+    from tasks.lib.model import ModelLoadError, load_serving_model
 
     try:
         model_dir = current_model_dir(Path(load_params(args.params).paths.production))

@@ -1,0 +1,80 @@
+"""Every child process the project starts goes through here: `python -m ...`, `dvc`, `git`, `pip`,
+`npm` and `prefect server`.
+
+Why one place: the children need the same environment, whoever starts them. Stage commands in
+dvc.yaml say `python`, so the directory of this interpreter goes first on PATH (a `dvc repro`
+started from the project's virtual environment runs the stages with it, activated or not).
+Output is unbuffered, so a stage's lines stream into logs as they come; git never waits for a
+password prompt that nobody will answer. (TensorFlow's C++ start-up chatter is kept out by the
+child itself, ``tasks.lib.tf_loader``: setting ``TF_CPP_MIN_LOG_LEVEL`` here would read there as
+the user's own choice.)
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import IO
+
+
+class CommandTimedOut(RuntimeError):
+    """A streamed command ran past its time-out; it and every process it started were stopped."""
+
+
+def child_environment(**overrides: str) -> dict[str, str]:
+    """This process's environment for a child process, with ``overrides`` on top."""
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    return {**os.environ, "PATH": path, "PYTHONUNBUFFERED": "1", "GIT_TERMINAL_PROMPT": "0", **overrides}
+
+
+def python_module(module: str, *arguments: str) -> list[str]:
+    """The command line of ``python -m module arguments`` with this interpreter."""
+    return [sys.executable, "-m", module, *arguments]
+
+
+def run(command: Sequence[str], cwd: Path | str | None = None, *, timeout: float | None = None,
+        capture: bool = True, environment: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run ``command`` to the end; with ``capture`` its output comes back as text, otherwise it goes
+    to this process's terminal. ``environment`` defaults to :func:`child_environment`."""
+    return subprocess.run(list(command), cwd=cwd, env=environment or child_environment(), text=True,
+                          capture_output=capture, timeout=timeout)
+
+
+def stream(command: Sequence[str], cwd: Path | str, timeout: float,
+           on_line: Callable[[str], object]) -> tuple[int, list[str]]:
+    """Run ``command``, handing each output line (stdout and stderr together) to ``on_line`` as it
+    comes; return (exit code, lines). After ``timeout`` seconds the command and every process it
+    started (its own process group: `dvc` and the stage it runs) get SIGTERM, and
+    ``CommandTimedOut`` is raised."""
+    process = subprocess.Popen(list(command), cwd=cwd, env=child_environment(), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True)
+    timed_out = threading.Event()
+
+    def stop() -> None:
+        timed_out.set()
+        os.killpg(process.pid, signal.SIGTERM)
+
+    watchdog = threading.Timer(timeout, stop)
+    watchdog.start()
+    lines: list[str] = []
+    try:
+        for line in process.stdout:  # type: ignore[union-attr]
+            lines.append(line.rstrip())
+            on_line(lines[-1])
+        process.wait()
+    finally:
+        watchdog.cancel()
+    if timed_out.is_set():
+        raise CommandTimedOut(f"`{' '.join(command)}` timed out after {timeout:.0f} s")
+    return process.returncode, lines
+
+
+def start(command: Sequence[str], environment: dict[str, str], log: IO[bytes]) -> subprocess.Popen:
+    """Start a long-lived service (a Prefect server) in its own process session, output to ``log``."""
+    return subprocess.Popen(list(command), env=environment, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)

@@ -1,0 +1,47 @@
+"""What every stage entry point (`python -m tasks.<stage>`) shares: parse ``--params``, validate
+the file, hand the stage's own params to its work function, and turn an expected failure into
+one ``error:`` line and exit code 1.
+
+A stage module passes two functions: ``arguments(params)``, which picks what the stage reads of
+params.yaml (its keyword arguments), and ``work(**arguments)``, the pure function that does the
+job. Keeping the pick apart from the work lets tests/test_dvc_yaml.py derive each stage's
+``params:`` in dvc.yaml from the code itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from tasks.lib.params import DEFAULT_PARAMS_PATH, Params, ParamsError, load_params
+
+Arguments = Callable[[Params], dict[str, Any]]
+
+
+def run_stage(argv: list[str] | None, description: str, work: Callable[..., object], arguments: Arguments,
+              expected_errors: tuple[type[Exception], ...],
+              cached_outputs: Callable[[Params], list[str]] = lambda params: []) -> int:
+    """The `python -m tasks.<stage>` entry: parse --params, validate, run; errors become one line.
+
+    ``cached_outputs``: the stage's outputs in DVC's cache. `dvc repro` deletes a stage's
+    outputs before running it, so when the stage fails under DVC a second line says how to get
+    the previous ones back."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--params", type=Path, default=DEFAULT_PARAMS_PATH, help="the params file")
+    args = parser.parse_args(argv)
+    params = None
+    try:
+        params = load_params(args.params)
+        work(**arguments(params))
+    except (ParamsError, FileNotFoundError, *expected_errors) as error:
+        print(f"error: {error}", file=sys.stderr)
+        outputs = cached_outputs(params) if params is not None else []
+        if outputs and os.environ.get("DVC_STAGE"):  # DVC sets it for the commands of its stages
+            print(f"note: `dvc repro` deleted {', '.join(outputs)} before running this stage; "
+                  f"`dvc checkout {' '.join(outputs)}` brings back the previous version", file=sys.stderr)
+        return 1
+    return 0
