@@ -33,7 +33,7 @@ then timed over ``--epochs`` epochs (550 steps each) per round; the measurements
 ``--rounds`` rounds, in a rotating order, so that background load hits all of them alike (on a
 shared 2-core machine it moves every few seconds, hence many short rounds rather than a few long
 ones). It does not hit them equally hard: the XLA loop loses its lead over the graph trainer
-(``--baseline 21e9733``) when another process takes a core (README), so compare on an idle
+(``--baseline 21e9733``) when another process takes a core (docs/benchmarks.md), so compare on an idle
 machine. Keras is timed from the start of its first timed epoch to the end of its last (a
 callback), which leaves out ``fit``'s per-call set-up. Reported: best and median steps/s, the
 peak RSS of the process after each set-up, the median of the per-round ratios (ours / Keras,

@@ -18,6 +18,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tasks.lib.registry.production import (
     RegistryError,
@@ -221,3 +222,12 @@ def test_concurrent_publishers_take_turns(store: dict[str, Path]) -> None:
     published = [entry["version"] for entry in read_registry(store["registry"]) if entry["action"] == "harness"]
     assert len(published) > 4 and published == sorted(set(published))
     assert _check_invariant(store, {tree_digest(store["a"]), tree_digest(store["b"])}) == []
+
+
+def test_the_shipped_registry_holds_no_version() -> None:
+    """A fresh team's first promotion is version 1: the committed registry records no version, and
+    dvc.lock no promotion (its outputs would be versions that no remote of the team can deliver)."""
+    history = read_registry(REPO_ROOT / "models" / "registry.json")
+    assert history == []
+    assert "promote" not in yaml.safe_load((REPO_ROOT / "dvc.lock").read_text())["stages"]
+    assert next_version(REPO_ROOT / "models" / ".a-production-never-published", history) == 1  # and no tag

@@ -252,7 +252,7 @@ def build_rows(points: list[Planned], experiments: dict[str, Experiment]) -> lis
 
 
 def machine() -> str:
-    """The CPU model and core count, as the README states them."""
+    """The CPU model and core count, as the docs state them beside every figure."""
     try:
         cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                    if line.startswith("model name"))
