@@ -146,7 +146,7 @@ def run_command(command: list[str], cwd: Path, check: bool = True) -> subprocess
 def make_project(root: Path, document: dict[str, Any]) -> Path:
     """A fresh git + DVC repository holding this project's code, dvc.yaml and the given params."""
     root.mkdir(parents=True, exist_ok=True)
-    for item in ("tasks", "flows"):
+    for item in ("tasks", "flows", "grids"):
         shutil.copytree(REPO_ROOT / item, root / item, ignore=shutil.ignore_patterns("__pycache__"))
     for item in ("dvc.yaml", ".gitignore", ".dvcignore"):
         shutil.copy(REPO_ROOT / item, root / item)

@@ -15,28 +15,44 @@ import pytest
 import yaml
 
 from tasks.commands.experiments import (
-    VARIANTS,
     Experiment,
-    Planned,
     build_rows,
     check_params,
     diverged_at,
     experiments_from_exp_show,
-    grid,
     main,
     plan,
 )
 from tasks.lib.comparison import student_t_quantile
 from tasks.lib.divergence import Divergence, TrainingDiverged
+from tasks.lib.grid import DEFAULT_GRID, Cell, cells, read_grid
 from tasks.lib.params import Params, parse_params
 
-from .conftest import base_params_document, dvc, make_params_document, make_project, run_command, tool_environment
+from .conftest import (
+    REPO_ROOT,
+    base_params_document,
+    dvc,
+    make_params_document,
+    make_project,
+    run_command,
+    tool_environment,
+)
+
+VARIANTS = read_grid(REPO_ROOT / DEFAULT_GRID, REPO_ROOT / "params.yaml")  # the seed's comparison
+
+
+def grid(seeds: int, steps: int | None, only: list[str]) -> list[Cell]:
+    return cells(VARIANTS, seeds, steps, only)
+
+
+def Planned(variant: str, seed: int, steps: int | None) -> Cell:  # noqa: N802 - reads like the cell it builds
+    return Cell(variant, VARIANTS[variant], seed, steps)
 
 
 def test_every_variant_is_valid_params() -> None:
     for point in grid(seeds=2, steps=100, only=[]):
         document = base_params_document()
-        for override in point.overrides:
+        for override in point.settings:
             key, value = override.split("=")
             section, field = key.split(".")
             document[section][field] = yaml.safe_load(value)  # as `dvc exp run -S` parses it
@@ -48,7 +64,7 @@ def test_grid_names_encode_variant_steps_and_seed() -> None:
     points = grid(seeds=3, steps=None, only=["no-hidden-layer", "all-optimisations"])
     assert [point.name for point in points] == [f"{variant}-s{seed}" for variant in
                                                 ("all-optimisations", "no-hidden-layer") for seed in range(3)]
-    assert points[4].overrides == ["model.hidden_units=0", "train.seed=1"]
+    assert points[4].settings == ["model.hidden_units=0", "train.seed=1"]
     assert Planned("no-lr-decay", 4, 500).name == "no-lr-decay-500steps-s4"
     assert len(grid(seeds=5, steps=None, only=[])) == 5 * len(VARIANTS)
 
@@ -96,7 +112,7 @@ def test_exp_show_states_and_the_most_final_of_several_runs_with_one_name() -> N
 def _params(point: Planned) -> dict:
     """params.yaml as the experiment of this grid point ran it (only the overridden fields)."""
     params: dict = {}
-    for override in point.overrides:
+    for override in point.settings:
         key, value = override.split("=")
         section, field = key.split(".")
         params.setdefault(section, {})[field] = yaml.safe_load(value)
@@ -194,7 +210,7 @@ def test_two_variants_two_seeds_resume_after_an_interruption_and_match_a_hand_co
     # An interrupted call leaves an experiment queued but not run: the next call must not queue it again.
     interrupted = Planned("no-hidden-layer", 1, None)
     dvc(project, "exp", "run", "--queue", "evaluate", "--name", interrupted.name,
-        *[argument for override in interrupted.overrides for argument in ("-S", override)])
+        *[argument for override in interrupted.settings for argument in ("-S", override)])
 
     output = _experiments(project, "--seeds", "2", *only).stdout
     assert "experiments: 2 done, 1 queued, 1 new" in output

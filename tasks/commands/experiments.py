@@ -1,4 +1,4 @@
-"""The seed's comparison over several seeds, as DVC experiments: every optimisation, then each one dropped.
+"""A grid of DVC experiments over several seeds; by default the seed's comparison (each optimisation dropped).
 
 Not a pipeline stage: a driver for `dvc exp`. For every variant and every seed (`train.seed`
 0..S-1) it queues one experiment up to the `evaluate` stage (experiments never publish to
@@ -7,8 +7,13 @@ queue one at a time (two cores: parallel runs would only slow each other down), 
 table (`tasks.lib.comparison`) from `dvc exp show` to stdout, `<output>/table.md` and
 `<output>/accuracy.png`. The experiments stay in DVC: `dvc exp show`, `dvc exp diff`, `dvc exp apply`.
 
-    python -m tasks.commands.experiments --seeds 5 [--steps N] [--only VARIANT ...] [--report-only [--rev COMMIT]]
+    python -m tasks.commands.experiments --seeds 5 [--steps N] [--grid FILE | --set KEY=V1,V2 ...]
+                                         [--only VARIANT ...] [--report-only [--rev COMMIT]]
     make experiments SEEDS=5 [STEPS=N]
+
+The grid is data (``tasks/lib/grid.py``): ``grids/seed-comparison.yaml`` by default, another file
+with ``--grid``, or a sweep with ``--set train.learning_rate=0.2,0.4,0.8`` (several ``--set``: their
+product). Every override is checked against the params model before anything runs.
 
 Calling it again resumes the grid (experiments of the current commit, as `dvc exp show` lists them):
 - finished experiments are kept, queued ones are not queued again, running ones are waited for;
@@ -37,19 +42,8 @@ from tasks.lib import repository
 from tasks.lib.atomic import write_bytes_atomic
 from tasks.lib.comparison import Outcome, Row, accuracy_figure, markdown_table
 from tasks.lib.divergence import read_record
+from tasks.lib.grid import DEFAULT_GRID, Cell, GridError, cells, read_grid, sweep
 
-# The seed's ablations, each a set of `-S` overrides of params.yaml.
-VARIANTS: dict[str, list[str]] = {
-    "all-optimisations": [],
-    "no-regularisation": ["train.l2_rate=0"],
-    "no-moving-average": ["train.moving_average_decay=0"],
-    "no-lr-decay": ["train.learning_rate_decay=1"],
-    "no-hidden-layer": ["model.hidden_units=0"],
-    "no-activation": ["model.activation=linear"],
-    # Without the activation the network is linear and, at the seed's rate of 0.8, its loss
-    # explodes within a few dozen steps (the divergence guard stops it); at 0.1 it trains.
-    "no-activation-lr-0.1": ["model.activation=linear", "train.learning_rate=0.1"],
-}
 DEFAULT_OUTPUT = Path("reports/experiments")
 TABLE_FILE, FIGURE_FILE = "table.md", "accuracy.png"
 
@@ -62,34 +56,6 @@ def dvc(*arguments: str, capture: bool = False) -> str:
         raise SystemExit(f"error: `dvc {' '.join(arguments)}` failed with exit code {result.returncode} "
                          f"{' '.join(detail)}".rstrip())
     return result.stdout if capture else ""
-
-
-# --- the grid ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Planned:
-    """One experiment of the grid: a variant at a seed."""
-
-    variant: str
-    seed: int
-    steps: int | None
-
-    @property
-    def name(self) -> str:
-        steps = f"-{self.steps}steps" if self.steps else ""
-        return f"{self.variant}{steps}-s{self.seed}"
-
-    @property
-    def overrides(self) -> list[str]:
-        extra = [f"train.steps={self.steps}"] if self.steps else []
-        return [*VARIANTS[self.variant], f"train.seed={self.seed}", *extra]
-
-
-def grid(seeds: int, steps: int | None, only: list[str]) -> list[Planned]:
-    """Variants in the table's order; within a variant, seeds 0..seeds-1."""
-    return [Planned(variant, seed, steps) for variant in VARIANTS if not only or variant in only
-            for seed in range(seeds)]
 
 
 # --- what `dvc exp show --json` says ---------------------------------------------------------
@@ -177,20 +143,20 @@ def _setting(params: dict, override: str) -> tuple[str, object, object]:
     return key, yaml.safe_load(value), params.get(section, {}).get(field)  # as `dvc exp run -S` parses it
 
 
-def check_params(planned: Planned, experiment: Experiment) -> None:
+def check_params(planned: Cell, experiment: Experiment) -> None:
     """An experiment found under a grid name must have been run with that grid point's params."""
     if not experiment.params:  # DVC could not read them (a run that failed early): nothing to compare
         return
-    for override in planned.overrides:
+    for override in planned.settings:
         key, wanted, found = _setting(experiment.params, override)
         if found != wanted:
             raise SystemExit(f"error: experiment {planned.name} ran with {key}={found}, not {wanted}; "
                              f"remove it (`dvc exp remove {planned.name}`) or commit, then run again")
 
 
-def plan(points: list[Planned], experiments: dict[str, Experiment]) -> dict[str, list[Planned]]:
+def plan(points: list[Cell], experiments: dict[str, Experiment]) -> dict[str, list[Cell]]:
     """Sort the grid: keep (done, diverged, queued, running), rerun (failed, orphaned), queue (new)."""
-    actions: dict[str, list[Planned]] = {key: [] for key in
+    actions: dict[str, list[Cell]] = {key: [] for key in
                                          ("done", "diverged", "queued", "running", "failed", "orphaned", "new")}
     for point in points:
         experiment = experiments.get(point.name)
@@ -207,13 +173,13 @@ def plan(points: list[Planned], experiments: dict[str, Experiment]) -> dict[str,
     return actions
 
 
-def queue(point: Planned) -> None:
-    settings = [argument for override in point.overrides for argument in ("-S", override)]
-    print(f"experiments: queueing {point.name} {' '.join(point.overrides)}", flush=True)
+def queue(point: Cell) -> None:
+    settings = [argument for override in point.settings for argument in ("-S", override)]
+    print(f"experiments: queueing {point.name} {' '.join(point.settings)}", flush=True)
     dvc("exp", "run", "--queue", "evaluate", "--name", point.name, *settings, "--quiet")
 
 
-def prepare(actions: dict[str, list[Planned]]) -> list[Planned]:
+def prepare(actions: dict[str, list[Cell]]) -> list[Cell]:
     """Clear orphaned and failed runs from DVC's queue and queue them with the new points."""
     counts = ", ".join(f"{len(points)} {key}" for key, points in actions.items() if points)
     print(f"experiments: {counts}", flush=True)
@@ -232,7 +198,7 @@ def prepare(actions: dict[str, list[Planned]]) -> list[Planned]:
 # --- the report -----------------------------------------------------------------------------
 
 
-def outcome(point: Planned, experiment: Experiment | None) -> Outcome:
+def outcome(point: Cell, experiment: Experiment | None) -> Outcome:
     if experiment is None or experiment.state in ("queued", "running"):
         return Outcome(point.seed)
     if experiment.state == "failed":
@@ -244,7 +210,7 @@ def outcome(point: Planned, experiment: Experiment | None) -> Outcome:
                    steps_per_second=train.get("steps_per_second"), seconds=train.get("seconds"))
 
 
-def build_rows(points: list[Planned], experiments: dict[str, Experiment]) -> list[Row]:
+def build_rows(points: list[Cell], experiments: dict[str, Experiment]) -> list[Row]:
     rows: dict[str, Row] = {}
     for point in points:
         rows.setdefault(point.variant, Row(point.variant)).outcomes.append(outcome(point, experiments.get(point.name)))
@@ -261,7 +227,7 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores"
 
 
-def footer(points: list[Planned], experiments: dict[str, Experiment], rows: list[Row],
+def footer(points: list[Cell], experiments: dict[str, Experiment], rows: list[Row],
            wall_seconds: float | None) -> list[str]:
     """What the numbers are, and when, where and how long they were measured."""
     finished = [experiments[point.name] for point in points if point.name in experiments
@@ -279,7 +245,7 @@ def footer(points: list[Planned], experiments: dict[str, Experiment], rows: list
             + (f"; this call took {wall_seconds / 60:.1f} min." if wall_seconds is not None else ".")]
 
 
-def write_report(points: list[Planned], experiments: dict[str, Experiment], output: Path,
+def write_report(points: list[Cell], experiments: dict[str, Experiment], output: Path,
                  wall_seconds: float | None) -> list[Row]:
     rows = build_rows(points, experiments)
     notes = footer(points, experiments, rows, wall_seconds)
@@ -294,7 +260,7 @@ def write_report(points: list[Planned], experiments: dict[str, Experiment], outp
 # --- entry point ----------------------------------------------------------------------------
 
 
-def run_grid(points: list[Planned], jobs: int) -> None:
+def run_grid(points: list[Cell], jobs: int) -> None:
     actions = plan(points, read_experiments())
     if actions["new"] or actions["failed"] or actions["orphaned"]:
         # Fetch the data once, so that every experiment finds it in the cache instead of downloading it.
@@ -310,7 +276,11 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, default=2, help="seeds per variant: train.seed 0..SEEDS-1")
     parser.add_argument("--steps", type=int, default=None, help="override train.steps (quick runs)")
     parser.add_argument("--jobs", type=int, default=1, help="experiments run at once")
-    parser.add_argument("--only", nargs="*", default=[], choices=list(VARIANTS), help="run only these variants")
+    parser.add_argument("--grid", type=Path, default=DEFAULT_GRID,
+                        help="the grid file (default: the seed's comparison)")
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=V1,V2",
+                        help="a sweep instead of the grid file: one variant per value; several --set: their product")
+    parser.add_argument("--only", nargs="*", default=[], help="run only these variants of the grid")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="where table.md and accuracy.png go")
     parser.add_argument("--report-only", action="store_true", help="write the table from what has run; run nothing")
     parser.add_argument("--rev", default="HEAD", help="with --report-only: the commit the experiments were run from")
@@ -325,7 +295,12 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_arguments(argv)
     started = time.perf_counter()
-    points = grid(args.seeds, args.steps, args.only)
+    try:  # the whole grid is checked before anything runs
+        variants = sweep(args.sets) if args.sets else read_grid(args.grid)
+        points = cells(variants, args.seeds, args.steps, args.only)
+    except GridError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     try:
         if not args.report_only:
             run_grid(points, args.jobs)

@@ -1,10 +1,10 @@
-"""The seed's comparison over several seeds: Welch intervals, a markdown table and a PNG.
+"""A grid's comparison over several seeds: Welch intervals, a markdown table and a PNG.
 
-Pure functions of the per-seed outcomes that `tasks.commands.experiments` reads from `dvc exp show`:
-each variant's test accuracy (EMA and raw weights) as mean ± sample standard deviation over
-its seeds, and its difference to "all optimisations" with a 95 % Welch t interval. A verdict
-is "better" or "worse" only when that interval excludes 0; a variant whose runs were stopped
-by the divergence guard is reported as diverged, never with numbers. No SciPy: the Student-t
+Pure functions of the per-seed outcomes that `tasks.commands.experiments` reads from
+`dvc exp show`: each variant's test accuracy (EMA and raw weights) as mean ± sample standard deviation over
+its seeds, and its difference to the grid's first variant (the seed's: "all optimisations") with
+a 95 % Welch t interval. A verdict is "better" or "worse" only when that interval excludes 0; a
+variant whose runs were stopped by the divergence guard is reported as diverged, never with numbers. No SciPy: the Student-t
 quantile comes from its CDF (a regularised incomplete beta function), inverted by bisection.
 """
 
@@ -25,7 +25,6 @@ from matplotlib.transforms import offset_copy  # noqa: E402
 
 from tasks.lib.atomic import write_bytes_atomic  # noqa: E402
 
-REFERENCE = "all-optimisations"
 CONFIDENCE = 0.95
 
 
@@ -195,12 +194,18 @@ def _notes(row: Row) -> str:
     return "; ".join(notes)
 
 
-HEADER = ("variant", "seeds", "test accuracy, EMA (%)", "raw weights (%)",
-          f"Δ EMA vs {REFERENCE} (points, {CONFIDENCE:.0%} interval)", "verdict", "steps/s")
+def header(reference: str) -> tuple[str, ...]:
+    return ("variant", "seeds", "test accuracy, EMA (%)", "raw weights (%)",
+            f"Δ EMA vs {reference} (points, {CONFIDENCE:.0%} interval)", "verdict", "steps/s")
+
+
+def reference_row(rows: Sequence[Row]) -> Row | None:
+    """The grid's first variant: what the others are compared with (the seed's: all optimisations)."""
+    return rows[0] if rows else None
 
 
 def table_rows(rows: Sequence[Row]) -> list[list[str]]:
-    reference = next((row for row in rows if row.variant == REFERENCE), None)
+    reference = reference_row(rows)
     lines = []
     for row in rows:
         difference, word = compare(row, reference)
@@ -215,7 +220,8 @@ def table_rows(rows: Sequence[Row]) -> list[list[str]]:
 
 
 def markdown_table(rows: Sequence[Row], footer: Sequence[str] = ()) -> str:
-    lines = ["| " + " | ".join(HEADER) + " |", "|" + " --- |" * len(HEADER)]
+    columns = header(rows[0].variant if rows else "-")
+    lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
     lines += ["| " + " | ".join(cells) + " |" for cells in table_rows(rows)]
     if footer:
         lines += ["", *footer]
@@ -258,7 +264,7 @@ NEAR_POINTS = 1.0  # differences farther than this are drawn at the panel's edge
 
 def _difference_panel(axis: plt.Axes, rows: Sequence[Row]) -> None:
     """Each variant's interval; the panel spans the near ones (and 0), far ones sit at its edge with their numbers."""
-    reference = next((row for row in rows if row.variant == REFERENCE), None)
+    reference = reference_row(rows)
     drawn: dict[int, tuple[str, str, Interval]] = {}
     for position, row in enumerate(rows):
         difference, word = compare(row, reference)
@@ -284,7 +290,7 @@ def _difference_panel(axis: plt.Axes, rows: Sequence[Row]) -> None:
                           textcoords="offset points", ha=align, va="center", fontsize=8, color=_COLOURS[word])
     axis.axvline(0.0, color="black", linewidth=1)
     axis.set_xlim(low, high)
-    axis.set(title=f"EMA accuracy minus {REFERENCE} (points), {CONFIDENCE:.0%} Welch interval", xlabel="points")
+    axis.set(title=f"EMA accuracy minus {rows[0].variant} (points), {CONFIDENCE:.0%} Welch interval", xlabel="points")
     axis.grid(axis="x", alpha=0.3)
 
 
