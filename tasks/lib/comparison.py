@@ -1,11 +1,12 @@
 """A grid's comparison over several seeds: Welch intervals, a markdown table and a PNG.
 
 Pure functions of the per-seed outcomes that `tasks.commands.experiments` reads from
-`dvc exp show`: each variant's test accuracy (EMA and raw weights) as mean ± sample standard deviation over
-its seeds, and its difference to the grid's first variant (the seed's: "all optimisations") with
-a 95 % Welch t interval. A verdict is "better" or "worse" only when that interval excludes 0; a
-variant whose runs were stopped by the divergence guard is reported as diverged, never with numbers. No SciPy: the Student-t
-quantile comes from its CDF (a regularised incomplete beta function), inverted by bisection.
+`dvc exp show`: each variant's test accuracy (EMA and raw weights) as mean ± sample standard
+deviation over its seeds, and its difference to the grid's first variant (the seed's: "all
+optimisations") with a 95 % Welch t interval. A verdict is "better" or "worse" only when that
+interval excludes 0; a variant whose runs were stopped by the divergence guard is reported as
+diverged, never with numbers. No SciPy: the Student-t quantile comes from its CDF (a
+regularised incomplete beta function), inverted by bisection.
 """
 
 from __future__ import annotations
