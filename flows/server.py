@@ -1,11 +1,15 @@
-"""Start and stop a real `prefect server` (SQLite) on a loopback port.
+"""Start and stop a real `prefect server` on a loopback port (or all interfaces, for a team).
 
 Used by `python -m flows.deploy --start-server` (`make serve`), by the tests, and by the
 benchmarks, and on its own as the team's server:
 
     python -m flows.server [--host 0.0.0.0] [--port 4200] [--home .prefect]   # Ctrl-C stops it
+        [--database-url postgresql+asyncpg://USER:PASSWORD@HOST:5432/prefect]
 
-The database lives in ``PREFECT_HOME`` (``<home>/prefect.db``).
+The database is SQLite in ``PREFECT_HOME`` (``<home>/prefect.db``) by default: right for one
+machine. A team's server, which many workers write flow runs to at once, takes PostgreSQL
+(``--database-url``; Prefect creates its tables at start; tests/test_server.py runs a flow
+against a real PostgreSQL).
 
 The UI is a page that asks the server's ``/ui-settings`` where the API is. Prefect answers
 with ``PREFECT_UI_API_URL``, which defaults to host and port from the settings
@@ -76,8 +80,12 @@ def advertised_host(host: str) -> str:
 
 
 def start_server(home: Path, port: int | None = None, ui: bool = False, timeout: float = 180,
-                 extra_environment: dict[str, str] | None = None, host: str = "127.0.0.1") -> PrefectServer:
-    """Start `prefect server start` and wait until /api/health answers (migrations done)."""
+                 extra_environment: dict[str, str] | None = None, host: str = "127.0.0.1",
+                 database_url: str | None = None) -> PrefectServer:
+    """Start `prefect server start` and wait until /api/health answers (migrations done).
+
+    ``database_url``: the server's database, e.g. ``postgresql+asyncpg://user:password@host:5432/prefect``
+    (what a team runs: many workers write flow runs at once); default SQLite in ``home``."""
     home.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     api_url = f"http://{advertised_host(host)}:{port}/api"
@@ -88,6 +96,8 @@ def start_server(home: Path, port: int | None = None, ui: bool = False, timeout:
         PREFECT_SERVER_API_HOST=host, PREFECT_SERVER_API_PORT=str(port), PREFECT_SERVER_UI_API_URL=api_url)
     for stale in ("PREFECT_API_URL", "PREFECT_UI_API_URL"):  # a client's URL, or the older alias
         environment.pop(stale, None)
+    if database_url:
+        environment["PREFECT_API_DATABASE_CONNECTION_URL"] = database_url
     environment.update(extra_environment or {})
     log = open(home / "server.log", "ab")  # noqa: SIM115 - the server process owns it from here
     command = processes.python_module("prefect", "server", "start", "--host", host, "--port", str(port))
@@ -105,14 +115,16 @@ def start_server(home: Path, port: int | None = None, ui: bool = False, timeout:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Run a Prefect server (SQLite) whose UI talks to its own API.")
+    parser = argparse.ArgumentParser(description="Run a Prefect server whose UI talks to its own API.")
     parser.add_argument("--host", default="127.0.0.1", help="0.0.0.0: reachable by workers on other machines")
     parser.add_argument("--port", type=int, default=4200)
     parser.add_argument("--home", type=Path, default=Path(".prefect"), help="PREFECT_HOME: the database and logs")
+    parser.add_argument("--database-url", default=None, metavar="URL",
+                        help="PostgreSQL for a team: postgresql+asyncpg://USER:PASSWORD@HOST:5432/DB (default SQLite)")
     args = parser.parse_args(argv)
     # `kill` as well as Ctrl-C stops the server with this process (it runs in its own session).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    server = start_server(args.home.resolve(), args.port, ui=True, host=args.host)
+    server = start_server(args.home.resolve(), args.port, ui=True, host=args.host, database_url=args.database_url)
     print(f"server: UI at {server.ui_url}; clients and workers: export PREFECT_API_URL={server.api_url}", flush=True)
     try:
         server.process.wait()

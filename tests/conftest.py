@@ -136,8 +136,9 @@ def with_default_threads(environment: dict[str, str]) -> dict[str, str]:
     return {name: value for name, value in environment.items() if name not in set_here}
 
 
-def run_command(command: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run(command, cwd=cwd, env=tool_environment(), capture_output=True, text=True)
+def run_command(command: list[str], cwd: Path, check: bool = True,
+                environment: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    result = subprocess.run(command, cwd=cwd, env=environment or tool_environment(), capture_output=True, text=True)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
