@@ -181,17 +181,25 @@ def publish_run(repo: Path, start: team.RunStart, outcomes: list[StageOutcome], 
     message = commit_message(start, outcomes, metrics, decision)
     version = decision["version"] if decision and decision.get("promoted") else None
     publication = team.publish_results(repo, start, message,
-                                       lambda: register_promotion(repo, version) if version else [])
+                                       lambda commit: register_promotion(repo, version, commit) if version else [])
     if publication.commit is None:
         log.info("publish: the stages changed nothing git tracks; nothing pushed to git")
     else:
-        moved = f" (rebased onto {publication.rebased_onto[:12]})" if publication.rebased_onto else ""
+        moved = _joined(publication)
         log.info("publish: pushed %s to %s%s; tags: %s", publication.commit, publication.branch, moved,
                  ", ".join(publication.tags) or "none")
         create_markdown_artifact(key="git-publication", description="What this run pushed to git",
                                  markdown=f"# Commit `{publication.commit[:12]}` on `{publication.branch}`{moved}\n\n"
                                           f"```\n{message}\n```\n\nTags: {', '.join(publication.tags) or 'none'}")
     return publication
+
+
+def _joined(publication: team.Publication) -> str:
+    """How the run's commit met a teammate's push, for the log and the artifact."""
+    if publication.merged_with:
+        return (f" (merged with {publication.merged_with[:12]}, whose commits changed an input of this run; "
+                f"tags on the run's commit {publication.run_commit[:12]})")
+    return f" (rebased onto {publication.rebased_onto[:12]})" if publication.rebased_onto else ""
 
 
 def _run_stages(root: Path, params: Params) -> list[StageOutcome]:

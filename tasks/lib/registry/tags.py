@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from tasks.lib.repository import REMOTE, TeamError, ensure_identity, git, toplevel
+from tasks.lib.repository import TeamError, git, toplevel
 
 ARTIFACT = "mnist-mlp"  # the model's name in DVC's model registry (dvc.yaml `artifacts:`)
 STAGE = "prod"
@@ -87,32 +87,17 @@ def _assign(repo: Path, version: int) -> None:
            message=f"Assign {ARTIFACT} version {version} to {STAGE}")
 
 
-def register_promotion(repo: Path, version: int) -> list[str]:
-    """Register version N at HEAD and assign it stage prod; return the new local tags."""
+def register_promotion(repo: Path, version: int, commit: str = "HEAD") -> list[str]:
+    """Register version N at ``commit`` (the run's own, where `dvc status` is clean) and assign it
+    stage prod; return the new local tags."""
     from gto.api import register
     from gto.exceptions import GTOException
 
     before = _tags(repo)
     try:
-        register(str(repo), ARTIFACT, "HEAD", version=gto_version(version),
+        register(str(repo), ARTIFACT, commit, version=gto_version(version),
                  message=f"Register {ARTIFACT} version {version} (models/production/{version})")
         _assign(repo, version)
     except GTOException as error:
         raise TeamError(f"cannot register {ARTIFACT} version {version}: {error}; nothing was pushed to git") from None
     return sorted(_tags(repo) - before)
-
-
-def assign_prod(repo: Path, version: int, push: bool) -> str:
-    """Stage prod to an already registered version (a rollback); return the assignment tag."""
-    if push:
-        git(repo, "fetch", "--quiet", "--tags", "--force", REMOTE)
-    known = registered_versions(repo)
-    if version not in known:
-        raise TeamError(f"{ARTIFACT} version {version} is not registered (registered: {known or 'none'})")
-    ensure_identity(repo)
-    before = _tags(repo)
-    _assign(repo, version)
-    (tag,) = _tags(repo) - before
-    if push:
-        git(repo, "push", "--quiet", REMOTE, f"refs/tags/{tag}")
-    return tag
