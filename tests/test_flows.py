@@ -78,8 +78,9 @@ def test_flow_runs_every_stage_then_skips_them_all(server: PrefectServer, tmp_pa
     assert flow_run.state_name == "Completed"
     assert {name: task.state_name for name, task in tasks.items()} == {
         "download": "Completed", "train": "Completed", "evaluate": "Completed", "promote": "Completed"}
-    artifacts = prefect_api(server, lambda client: client.read_artifacts())
-    assert {"evaluation-metrics", "promotion-decision"} <= {artifact.key for artifact in artifacts}
+    artifacts = {artifact.key: artifact for artifact in prefect_api(server, lambda client: client.read_artifacts())}
+    assert {"evaluation-metrics", "promotion-decision", "run-pictures"} <= set(artifacts)
+    assert artifacts["run-pictures"].data.count("](data:image/png;base64,iVBORw0KGgo") == 3  # the three PNGs
     assert json.loads((project / "reports" / "promotion.json").read_text())["version"] == 1
     assert any((tmp_path / "remote" / "files").rglob("*")), "schedule.push did not push to the remote"
 

@@ -24,7 +24,10 @@ Every git and dvc command goes through ``git``/``dvc`` below (and so through
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import os
 import re
+import shutil
 import socket
 import subprocess
 from collections.abc import Callable, Iterator
@@ -108,9 +111,66 @@ def open_dvc_repo(repo: Path) -> Iterator:
         yield dvc_repo
 
 
+def dvc_lock_holder(repo: Path) -> str | None:
+    """The process id holding DVC's repository lock (a running `dvc repro`), or None when free.
+    The lock is taken and released at once, the way DVC takes it (zc.lockfile)."""
+    import zc.lockfile
+
+    lock = repo / ".dvc" / "tmp" / "lock"
+    if not lock.parent.is_dir():
+        return None
+    try:
+        zc.lockfile.LockFile(str(lock)).close()
+    except zc.lockfile.LockError:
+        return lock.read_text(errors="replace").strip() or "another process"
+    return None
+
+
 def default_remote(repo: Path) -> str | None:
     with open_dvc_repo(repo) as dvc_repo:
         return dvc_repo.config["core"].get("remote")
+
+
+# ---- the run's directory ---------------------------------------------------------------------
+
+RUN_MARK = ".mnist-pipeline-run"  # in the directory a worker made for one run; locked while it runs
+_held_marks: list[int] = []  # descriptors of this process's marks: their locks last as long as it does
+
+
+def claim_run_directory(directory: Path) -> None:
+    """Mark ``directory`` (a worker's temporary directory of this run) as in use, for as long as
+    this process lives: an exclusive lock on a file in it, which the kernel drops when the process
+    dies, however it dies."""
+    staged = directory / f"{RUN_MARK}.{os.getpid()}"
+    descriptor = os.open(staged, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    staged.rename(directory / RUN_MARK)  # appears locked: a sweeper never sees it free while we live
+    _held_marks.append(descriptor)
+
+
+def _unlocked(mark: Path) -> bool:
+    try:
+        descriptor = os.open(mark, os.O_RDWR)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(descriptor)  # closing releases the lock
+
+
+def sweep_dead_run_directories(parent: Path, pattern: str) -> list[Path]:
+    """Remove the directories in ``parent`` matching ``pattern`` that a run marked and whose run is
+    dead (a SIGKILLed worker cannot remove its own); return them. Unmarked ones are not ours."""
+    removed = []
+    for directory in sorted(parent.glob(pattern)):
+        if directory.is_dir() and _unlocked(directory / RUN_MARK):
+            shutil.rmtree(directory, ignore_errors=True)
+            removed.append(directory)
+    return removed
 
 
 # ---- start of a run -------------------------------------------------------------------------
