@@ -108,12 +108,15 @@ def test_a_killed_workers_run_crashes_and_the_queued_run_starts_on_the_other_wor
 
     _wait_for(lambda: not any(alive(pid) for pid in children), 30, "the dead run's processes to end")
     _wait_for(lambda: _state(team, doomed).is_crashed(), 120, f"{doomed.name} to be marked Crashed")
+    crashed = _state(team, doomed)
+    assert "no heartbeat for 45 s" in (crashed.message or "")  # marked by the automation, not by hand
     started = _wait_for(lambda: test_team.prefect_api(team.server, lambda client: client.read_flow_run(
         queued.id)).start_time, 180, f"{queued.name} to start")
     (queued,) = wait(team, [queued])
     _completed(team, queued)
     waited = started.timestamp() - killed_at
-    print(f"kill -> queued run started: {waited:.1f} s")
+    print(f"kill -> run marked Crashed: {crashed.timestamp.timestamp() - killed_at:.1f} s; "
+          f"kill -> queued run started: {waited:.1f} s")
     assert waited <= TARGET_SECONDS
     assert not workspace.exists(), f"the dead run's clone {workspace} is still there"
     assert test_team.logged(team, queued.id, f"team: removed {workspace}")
