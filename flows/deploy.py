@@ -119,13 +119,15 @@ def crash_detection() -> object:
                       trigger=trigger, actions=[action])
 
 
-def install_crash_detection() -> None:
-    """Create (or replace) the crash-detection automation on the server PREFECT_API_URL names."""
+def install_crash_detection() -> dict[str, str]:
+    """prefect.yaml's second build step: create (or replace) the crash-detection automation on the
+    server PREFECT_API_URL names."""
     from prefect.automations import Automation
 
     with contextlib.suppress(ValueError):  # ValueError: not there yet
         Automation.read(name=CRASH_AUTOMATION).delete()
-    crash_detection().create()
+    created = crash_detection().create()
+    return {"automation": str(created.id)}
 
 
 def team_settings(params_file: str = "params.yaml", prefect_file: str = "prefect.yaml") -> dict[str, str]:
@@ -138,7 +140,6 @@ def team_settings(params_file: str = "params.yaml", prefect_file: str = "prefect
     if found.returncode != 0 or not found.stdout.strip():
         detail = found.stderr.strip().splitlines()[-1:] if found.returncode else "no such branch"
         raise ValueError(f"{GIT_URL_VARIABLE}={url}: cannot clone branch {branch!r} ({detail})")
-    install_crash_detection()
     return {"git_url": url, "git_branch": branch, "cron": schedule.cron, "timezone": schedule.timezone,
             "collision_strategy": schedule.collision_strategy, "heartbeat_seconds": str(HEARTBEAT_SECONDS)}
 
