@@ -5,8 +5,12 @@ Version N of ``models/production/`` (TF Serving's integer versions) is registere
 to ``gto show``, ``dvc artifacts get`` and DVC Studio) at the commit that published it; the
 served one carries stage ``prod`` (tag ``mnist-mlp#prod#K``). ``dvc artifacts get <git-url>
 mnist-mlp --stage prod`` fetches ``models/production/`` as of the commit of the newest ``prod``
-assignment. Queries and tags go through ``gto.api``; the only git done here by hand is fetching
-and pushing the tags, and keeping assignments in order (below).
+assignment. A run's promotion registers its version at the run's own commit (where `dvc status`
+is clean) and assigns it prod; so does a rollback (``tasks/lib/registry/rollback.py``: the files
+of an earlier version re-published under a new number), so prod is always the highest version of
+``models/production/``, the one TF Serving serves. Queries and tags go through ``gto.api``; the
+only git done here by hand is fetching and pushing the tags, and keeping assignments in order
+(below).
 """
 
 from __future__ import annotations
@@ -41,12 +45,12 @@ def _serving_version(semantic: str | None) -> int | None:
 def registered_versions(repo: Path) -> list[int]:
     """TF Serving versions registered in the tags of the git repository holding the directory
     ``repo``, ascending (none outside git)."""
-    from gto.api import show
-    from gto.exceptions import ArtifactNotFound
-
     root = toplevel(repo)
     if root is None:
         return []
+    from gto.api import show  # a second to import: only where there is a git repository to ask
+    from gto.exceptions import ArtifactNotFound
+
     try:
         shown = show(str(root), ARTIFACT, registered_only=True)
     except ArtifactNotFound:  # nothing registered yet
