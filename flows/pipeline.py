@@ -5,7 +5,8 @@ Each Prefect task runs ``dvc repro --single-item <stage>``, so DVC decides what 
 by DVC and shown in Prefect as a Completed state named "Skipped". Prefect adds what DVC does
 not have: retries (download, with exponential backoff), per-stage time-outs, the stage output
 streamed into the run logs, and artifacts — a table of the evaluation metrics against the
-last commit and a summary of the promotion decision. No TensorFlow here.
+last commit, a summary of the promotion decision and the run's pictures. Ctrl-C or SIGTERM stops
+the running stage before the flow exits (one line). No TensorFlow here.
 
     python -m flows.pipeline [--repo .]             # the local loop: never commits or pushes
     python -m flows.pipeline [--repo .] --publish   # team mode (what prefect.yaml's deployment runs)
