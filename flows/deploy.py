@@ -27,8 +27,10 @@ Two ways to deploy the same flow:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
+from datetime import timedelta
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -46,6 +48,13 @@ from tasks.lib.params import ScheduleParams, load_params
 
 ENTRYPOINT = "flows/pipeline.py:pipeline"
 GIT_URL_VARIABLE, GIT_BRANCH_VARIABLE = "MNIST_PIPELINE_GIT_URL", "MNIST_PIPELINE_GIT_BRANCH"
+# A run's process sends a heartbeat event every HEARTBEAT_SECONDS (Prefect's minimum, 30: prefect.yaml
+# sets PREFECT_FLOWS_HEARTBEAT_FREQUENCY in the run's environment); a run whose heartbeats stop for
+# CRASH_AFTER_SECONDS is marked Crashed by the automation below, which releases its concurrency slot.
+HEARTBEAT_SECONDS, CRASH_AFTER_SECONDS = 30, 45
+CRASH_AUTOMATION = "mnist-pipeline: a run without heartbeats has crashed"
+FLOW_NAME = "mnist-pipeline"
+_FINAL_EVENTS = ("Completed", "Failed", "Cancelled", "Crashed")
 
 
 def build_deployment(schedule: ScheduleParams, repo: Path) -> RunnerDeployment:
@@ -86,6 +95,41 @@ def _check_prefect_file(prefect_file: Path, schedule: ScheduleParams) -> None:
                                  f"is {expected!r}; make them agree")
 
 
+def crash_detection() -> object:
+    """Prefect's "zombie flow run" automation, for this flow's runs: a proactive trigger that fires
+    when a run that sent a heartbeat sends neither another one nor a final state within
+    CRASH_AFTER_SECONDS, and marks it Crashed (Prefect then releases its deployment concurrency
+    slot, so a queued run starts; without it the slot waits for its 300 s lease)."""
+    from prefect.automations import Automation
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+    from prefect.events.schemas.automations import EventTrigger, Posture
+
+    trigger = EventTrigger(
+        match={"prefect.resource.id": "prefect.flow-run.*"},
+        match_related={"prefect.resource.role": "flow", "prefect.resource.name": FLOW_NAME},
+        after={"prefect.flow-run.heartbeat"},
+        expect={"prefect.flow-run.heartbeat", *(f"prefect.flow-run.{state}" for state in _FINAL_EVENTS)},
+        for_each={"prefect.resource.id"}, posture=Posture.Proactive, threshold=1,
+        within=timedelta(seconds=CRASH_AFTER_SECONDS))
+    action = ChangeFlowRunState(state=StateType.CRASHED, message=(
+        f"no heartbeat for {CRASH_AFTER_SECONDS} s: the flow-run process died (its worker was killed?)"))
+    description = "Marks an mnist-pipeline flow run Crashed when its heartbeats stop (a killed worker)"
+    return Automation(name=CRASH_AUTOMATION, description=description,
+                      trigger=trigger, actions=[action])
+
+
+def install_crash_detection() -> dict[str, str]:
+    """prefect.yaml's second build step: create (or replace) the crash-detection automation on the
+    server PREFECT_API_URL names."""
+    from prefect.automations import Automation
+
+    with contextlib.suppress(ValueError):  # ValueError: not there yet
+        Automation.read(name=CRASH_AUTOMATION).delete()
+    created = crash_detection().create()
+    return {"automation": str(created.id)}
+
+
 def team_settings(params_file: str = "params.yaml", prefect_file: str = "prefect.yaml") -> dict[str, str]:
     """prefect.yaml's build step (run by `prefect deploy`): the schedule from params.yaml and the
     git repository and branch the workers clone, from the environment. Checks that the branch exists."""
@@ -97,7 +141,7 @@ def team_settings(params_file: str = "params.yaml", prefect_file: str = "prefect
         detail = found.stderr.strip().splitlines()[-1:] if found.returncode else "no such branch"
         raise ValueError(f"{GIT_URL_VARIABLE}={url}: cannot clone branch {branch!r} ({detail})")
     return {"git_url": url, "git_branch": branch, "cron": schedule.cron, "timezone": schedule.timezone,
-            "collision_strategy": schedule.collision_strategy}
+            "collision_strategy": schedule.collision_strategy, "heartbeat_seconds": str(HEARTBEAT_SECONDS)}
 
 
 def serve_pipeline(repo: Path) -> None:

@@ -5,7 +5,8 @@ Each Prefect task runs ``dvc repro --single-item <stage>``, so DVC decides what 
 by DVC and shown in Prefect as a Completed state named "Skipped". Prefect adds what DVC does
 not have: retries (download, with exponential backoff), per-stage time-outs, the stage output
 streamed into the run logs, and artifacts — a table of the evaluation metrics against the
-last commit and a summary of the promotion decision. No TensorFlow here.
+last commit, a summary of the promotion decision and the run's pictures. Ctrl-C or SIGTERM stops
+the running stage before the flow exits (one line). No TensorFlow here.
 
     python -m flows.pipeline [--repo .]             # the local loop: never commits or pushes
     python -m flows.pipeline [--repo .] --publish   # team mode (what prefect.yaml's deployment runs)
@@ -22,7 +23,9 @@ temporary local server for the run.
 from __future__ import annotations
 
 import argparse
+import base64
 import json
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -88,12 +91,45 @@ def reproduce_stage(stage: str, repo: Path, timeout: float) -> StageOutcome | St
     return outcome
 
 
+def _decimals(value: object) -> int:
+    """Digits after the point in a metric as written (its precision): 0.9838 -> 4, 162 -> 0."""
+    text = repr(value) if isinstance(value, float) else ""
+    return len(text.split(".")[1]) if "." in text and "e" not in text else 0
+
+
+def rounded_change(old: object, new: object, change: object) -> object:
+    """``change`` (DVC's new - old, with float noise: 0.0020000000000000018) rounded to the finer
+    precision of the two values."""
+    if not isinstance(change, float):
+        return change
+    return round(change, max(_decimals(old), _decimals(new)))
+
+
 def metrics_table(repo: Path, metrics_file: str) -> list[dict[str, object]]:
     """Rows of `dvc metrics diff --all` (workspace against HEAD): metric, last commit, now, change."""
     with team.open_dvc_repo(repo) as dvc_repo:
         diff = dvc_repo.metrics.diff(a_rev="HEAD", all=True).get("diff", {}).get(metrics_file, {})
     return [{"metric": name, "last commit": values.get("old"), "this run": values.get("new"),
-             "change": values.get("diff")} for name, values in sorted(diff.items())]
+             "change": rounded_change(values.get("old"), values.get("new"), values.get("diff"))}
+            for name, values in sorted(diff.items())]
+
+
+PICTURES = (("Learning curves", "learning_curves.png"), ("Confusion matrix", "confusion_matrix.png"),
+            ("Misclassified test digits", "misclassified.png"))
+
+
+def pictures_markdown(plots: Path) -> str:
+    """The run's PNGs inline, as data: URIs: the Prefect UI (3.9.1) renders a markdown image as a
+    plain <img>, so the pictures show on the run's Artifacts tab with no file server."""
+    lines = ["# Pictures of this run", ""]
+    for title, name in PICTURES:
+        picture = plots / name
+        if picture.is_file():
+            encoded = base64.b64encode(picture.read_bytes()).decode("ascii")
+            lines += [f"## {title}", "", f"![{title}](data:image/png;base64,{encoded})", ""]
+        else:
+            lines += [f"## {title}", "", f"(no `{picture.name}`: evaluate did not write it)", ""]
+    return "\n".join(lines)
 
 
 def promotion_markdown(promotion_file: Path) -> str:
@@ -122,6 +158,8 @@ def _publish_artifacts(repo: Path, params: Params) -> None:
     promotion = Paths.under(repo, params.paths).promotion
     create_markdown_artifact(markdown=promotion_markdown(promotion), key="promotion-decision",
                              description="The promotion decision of this run")
+    create_markdown_artifact(markdown=pictures_markdown(Paths.under(repo, params.paths).plots), key="run-pictures",
+                             description="Learning curves, confusion matrix and misclassified digits of this run")
 
 
 def _push_if_configured(repo: Path, params: Params, log: object) -> None:
@@ -132,10 +170,25 @@ def _push_if_configured(repo: Path, params: Params, log: object) -> None:
         log.warning("schedule.push is true but no DVC remote is configured; skipping dvc push")
 
 
+WORKER_DIRECTORIES = "tmp*prefect"  # Prefect's process worker: tempfile.TemporaryDirectory(suffix="prefect")
+
+
+def _sweep_dead_runs(repo: Path) -> None:
+    """A worker's run works in a clone inside a temporary directory of its own; mark this run's as
+    in use, and remove the ones whose run died with its worker (a SIGKILL leaves them)."""
+    workspace = repo.parent
+    if not workspace.match(WORKER_DIRECTORIES):
+        return  # not started by a process worker: nothing of ours to sweep
+    team.claim_run_directory(workspace)
+    for removed in team.sweep_dead_run_directories(workspace.parent, WORKER_DIRECTORIES):
+        get_run_logger().warning("team: removed %s, left by a run whose worker died", removed)
+
+
 @task(name="git-sync", task_run_name="git-sync", persist_result=False)
 def sync_with_branch(repo: Path) -> team.RunStart:
     """Team mode: the newest commit of the branch and every registry tag, before anything runs."""
     start = team.start_from_branch(repo)
+    _sweep_dead_runs(repo)
     get_run_logger().info("team: starting from %s at %s (flow code from %s)", start.branch, start.commit,
                           Path(__file__).resolve().parent)
     return start
@@ -181,17 +234,25 @@ def publish_run(repo: Path, start: team.RunStart, outcomes: list[StageOutcome], 
     message = commit_message(start, outcomes, metrics, decision)
     version = decision["version"] if decision and decision.get("promoted") else None
     publication = team.publish_results(repo, start, message,
-                                       lambda: register_promotion(repo, version) if version else [])
+                                       lambda commit: register_promotion(repo, version, commit) if version else [])
     if publication.commit is None:
         log.info("publish: the stages changed nothing git tracks; nothing pushed to git")
     else:
-        moved = f" (rebased onto {publication.rebased_onto[:12]})" if publication.rebased_onto else ""
+        moved = _joined(publication)
         log.info("publish: pushed %s to %s%s; tags: %s", publication.commit, publication.branch, moved,
                  ", ".join(publication.tags) or "none")
         create_markdown_artifact(key="git-publication", description="What this run pushed to git",
                                  markdown=f"# Commit `{publication.commit[:12]}` on `{publication.branch}`{moved}\n\n"
                                           f"```\n{message}\n```\n\nTags: {', '.join(publication.tags) or 'none'}")
     return publication
+
+
+def _joined(publication: team.Publication) -> str:
+    """How the run's commit met a teammate's push, for the log and the artifact."""
+    if publication.merged_with:
+        return (f" (merged with {publication.merged_with[:12]}, whose commits changed an input of this run; "
+                f"tags on the run's commit {publication.run_commit[:12]})")
+    return f" (rebased onto {publication.rebased_onto[:12]})" if publication.rebased_onto else ""
 
 
 def _run_stages(root: Path, params: Params) -> list[StageOutcome]:
@@ -228,13 +289,28 @@ def pipeline(repo: str = ".", publish: bool = False) -> list[dict]:
     return [asdict(outcome) for outcome in outcomes]
 
 
+def _interrupt(signal_number: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signal_number}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repo", default=".", help="the project directory (a git + DVC repository)")
     parser.add_argument("--publish", action="store_true",
                         help="team mode: follow the git branch, then dvc push and commit + push the results")
     args = parser.parse_args(argv)
-    state = pipeline(repo=args.repo, publish=args.publish, return_state=True)
+    if holder := team.dvc_lock_holder(Path(args.repo).resolve()):
+        print(f"error: another DVC command (process {holder}) holds {Path(args.repo).resolve()}/.dvc/tmp/lock; "
+              "wait for it to finish, then run the flow again", file=sys.stderr)
+        return 1
+    # SIGTERM as Ctrl-C: the running stage is stopped (tasks/lib/processes.py) before this exits.
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        state = pipeline(repo=args.repo, publish=args.publish, return_state=True)
+    except KeyboardInterrupt:
+        print("interrupted: the running stage was stopped; dvc.lock records the stages that finished",
+              file=sys.stderr)
+        return 130
     if not state.is_completed():
         print(f"error: the pipeline flow ended {state.name}: {state.message}", file=sys.stderr)
         return 1

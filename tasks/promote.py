@@ -19,7 +19,8 @@ byte-for-byte untouched.
 Each record names what the candidate is: ``model_sha256`` (its files; training is
 deterministic, so the same code, params and data give the same bytes), ``data_fingerprint`` (the
 test files it was judged on) and ``git_revision``. Rollback is ``python -m tasks.commands.registry
-rollback`` (tasks/lib/registry/rollback.py).
+rollback --to N [--push]`` (tasks/lib/registry/rollback.py); a candidate whose ``model_sha256`` is
+that of a version rolled back from (and not restored since) is rejected, and the reason says so.
 
     python -m tasks.promote [--params params.yaml]
 """
@@ -42,8 +43,10 @@ from tasks.lib.registry.production import (
     locked,
     now,
     publish,
+    read_registry,
     reconcile,
     remove_stale_temporaries,
+    rolled_back_models,
     tree_sha256,
     versions,
 )
@@ -123,6 +126,18 @@ def _judge(promote: PromoteParams, candidate_dir: Path, production: Path, test: 
     return Decision(promoted, reason, candidate, champion_version, champion, None)
 
 
+def _not_again(decision: Decision, model_sha256: str, history: list[dict]) -> Decision:
+    """A blessed candidate whose files are those of a version rolled back from is not promoted again."""
+    rolled_back = rolled_back_models(history).get(model_sha256)
+    if not decision.promoted or rolled_back is None:
+        return decision
+    reason = (f"the candidate is the model of version {rolled_back['replaced_version']} (model_sha256 "
+              f"{model_sha256[:12]}: the same code, params and data), which was rolled back from on "
+              f"{rolled_back['time']} (version {rolled_back['restored_version']} served again as version "
+              f"{rolled_back['version']}); not promoted again")
+    return Decision(**{**asdict(decision), "promoted": False, "reason": reason})
+
+
 def promote_candidate(promote: PromoteParams, paths: Paths, *, data_sha256: Mapping[str, str]) -> Decision:
     """Judge ``paths.candidate`` against the thresholds and the re-evaluated champion in
     ``paths.production``; publish it there if blessed; record the decision in ``paths.registry``
@@ -135,9 +150,11 @@ def promote_candidate(promote: PromoteParams, paths: Paths, *, data_sha256: Mapp
     with locked(paths.production):
         _reconcile(paths.production, paths.registry, paths.promotion)
         test = mnist.load_split(paths.raw_data, "test", validation_size=0)
-        decision = _judge(promote, paths.candidate, paths.production, test)
+        model_sha256 = tree_sha256(paths.candidate)
+        decision = _not_again(_judge(promote, paths.candidate, paths.production, test), model_sha256,
+                              read_registry(paths.registry))
         entry = {"action": "promote", "time": now(), "git_revision": git_revision(Path.cwd()),
-                 "model_sha256": tree_sha256(paths.candidate), "data_fingerprint": data_fingerprint(test_sha256),
+                 "model_sha256": model_sha256, "data_fingerprint": data_fingerprint(test_sha256),
                  **asdict(decision)}
         if decision.promoted:
             entry["version"] = publish(paths.candidate, paths.production, paths.registry, entry, promote.keep_versions)

@@ -209,7 +209,8 @@ def prefect_api(server: Any, query: Any) -> Any:
 
 # Modules whose tests build on one module fixture, in file order (a team's remote, a Prefect
 # server): under `pytest -n` each runs whole on one worker.
-SHARED_STATE_MODULES = {"tests/test_team.py", "tests/test_flows.py"}
+SHARED_STATE_MODULES = {"tests/test_team.py", "tests/test_flows.py", "tests/test_team_faults.py",
+                        "tests/test_team_crash.py"}
 
 
 @pytest.hookimpl(optionalhook=True)

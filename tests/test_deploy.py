@@ -40,12 +40,17 @@ def test_committed_prefect_yaml_agrees_with_params_yaml() -> None:
     assert (deployment["name"], deployment["work_pool"]["name"]) == (schedule.deployment_name, schedule.work_pool)
     assert deployment["parameters"]["publish"] is True and deployment["concurrency_limit"]["limit"] == 1
     assert document["pull"][0]["prefect.deployments.steps.git_clone"]["repository"] == "{{ team.git_url }}"
+    assert [next(iter(step)) for step in document["build"]] == ["flows.deploy.team_settings",
+                                                                "flows.deploy.install_crash_detection"]
+    environment = deployment["work_pool"]["job_variables"]["env"]
+    assert environment == {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "{{ team.heartbeat_seconds }}"}
 
 
 def test_settings_come_from_params_and_the_environment(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(GIT_URL_VARIABLE, "team.git")  # a relative path: workers clone from elsewhere
     assert team_settings() == {"git_url": str(project / "team.git"), "git_branch": "main", "cron": "30 2 * * 1",
-                               "timezone": "Europe/Paris", "collision_strategy": "CANCEL_NEW"}
+                               "timezone": "Europe/Paris", "collision_strategy": "CANCEL_NEW",
+                               "heartbeat_seconds": "30"}
 
 
 def test_missing_url_says_which_variable_to_set(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:

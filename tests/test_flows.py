@@ -78,8 +78,9 @@ def test_flow_runs_every_stage_then_skips_them_all(server: PrefectServer, tmp_pa
     assert flow_run.state_name == "Completed"
     assert {name: task.state_name for name, task in tasks.items()} == {
         "download": "Completed", "train": "Completed", "evaluate": "Completed", "promote": "Completed"}
-    artifacts = prefect_api(server, lambda client: client.read_artifacts())
-    assert {"evaluation-metrics", "promotion-decision"} <= {artifact.key for artifact in artifacts}
+    artifacts = {artifact.key: artifact for artifact in prefect_api(server, lambda client: client.read_artifacts())}
+    assert {"evaluation-metrics", "promotion-decision", "run-pictures"} <= set(artifacts)
+    assert artifacts["run-pictures"].data.count("](data:image/png;base64,iVBORw0KGgo") == 3  # the three PNGs
     assert json.loads((project / "reports" / "promotion.json").read_text())["version"] == 1
     assert any((tmp_path / "remote" / "files").rglob("*")), "schedule.push did not push to the remote"
 
@@ -226,3 +227,26 @@ def test_ui_of_a_server_on_any_port_talks_to_that_server(tmp_path: Path, synthet
         assert [run["state_name"] for run in runs] == ["Failed"]
     finally:
         started.stop()
+
+
+@pytest.mark.parametrize("sent", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_stops_the_stage_before_the_flow_exits_with_one_line(
+        server: PrefectServer, tmp_path: Path, synthetic_source: Path, sent: signal.Signals) -> None:
+    from .test_team_crash import alive, command_line, descendants
+
+    document = make_params_document(synthetic_source, train={"steps": 20000})  # minutes: surely running
+    project = make_project(tmp_path / "flow", document)
+    flow = subprocess.Popen([sys.executable, "-m", "flows.pipeline"], cwd=project, env=_environment(server),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not any("-m tasks.train" in command_line(pid) for pid in descendants(flow.pid)):
+        assert flow.poll() is None and time.monotonic() < deadline, "the flow never reached train"
+        time.sleep(0.5)
+    children = descendants(flow.pid)  # `dvc repro` and the stage
+    flow.send_signal(sent)
+    _, stderr = flow.communicate(timeout=120)
+    assert flow.returncode == 130
+    assert not any(alive(pid) for pid in children), [command_line(pid) for pid in children if alive(pid)]
+    assert "Traceback" not in stderr
+    assert stderr.splitlines()[-1] == ("interrupted: the running stage was stopped; "
+                                       "dvc.lock records the stages that finished")

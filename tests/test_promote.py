@@ -142,10 +142,32 @@ def test_rollback_republishes_an_earlier_version(models: dict, tmp_path: Path) -
     assert tree_digest(production / "3") == tree_digest(production / "1")
     assert _registry(tmp_path)[-1] | {"time": None, "git_revision": None} == {
         "action": "rollback", "restored_version": 1, "version": 3, "replaced_version": 2,
+        "model_sha256": tree_sha256(models["good"]), "replaced_sha256": tree_sha256(models["bad"]),
         "time": None, "git_revision": None}
     assert _rollback(tmp_path, 2) == 4
     with pytest.raises(RegistryError, match="version 9 is not in"):
         _rollback(tmp_path, 9)
+
+
+def test_a_rolled_back_lineage_is_not_promoted_again_until_restored(models: dict, tmp_path: Path) -> None:
+    _promote(models, tmp_path, "good")
+    _promote(models, tmp_path, "bad", min_improvement=-1.0, min_accuracy=0.0)  # version 2, then rolled back from
+    assert _rollback(tmp_path, 1) == 3
+    again = _promote(models, tmp_path, "bad", min_improvement=-1.0, min_accuracy=0.0)
+    assert not again.promoted and again.champion_version == 3  # the champion is the served version
+    assert again.reason.startswith(f"the candidate is the model of version 2 (model_sha256 "
+                                   f"{tree_sha256(models['bad'])[:12]}")
+    assert "rolled back from" in again.reason and "version 1 served again as version 3" in again.reason
+    assert versions(tmp_path / "production")[-1] == 3 and _registry(tmp_path)[-1]["promoted"] is False
+    assert _rollback(tmp_path, 2) == 4  # rolled forward by hand: that lineage may be promoted again
+    assert _promote(models, tmp_path, "bad", min_improvement=-1.0, min_accuracy=0.0).promoted
+
+
+def test_rollback_to_the_served_version_is_refused(models: dict, tmp_path: Path) -> None:
+    _promote(models, tmp_path, "good")
+    _promote(models, tmp_path, "bad", min_improvement=-1.0, min_accuracy=0.0)
+    with pytest.raises(RegistryError, match="version 2 is already the served version"):
+        _rollback(tmp_path, 2)
 
 
 def test_rollback_with_nothing_to_restore(tmp_path: Path) -> None:

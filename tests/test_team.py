@@ -310,24 +310,6 @@ def test_dvc_artifacts_get_fetches_the_prod_model_which_loads_and_predicts(team:
     assert accuracy == pytest.approx(record["candidate_accuracy"], abs=1e-9)
 
 
-def test_assign_prod_rolls_back_to_an_earlier_version_for_everyone(team: Team, tmp_path: Path) -> None:
-    if len(tags.registered_versions(team.remote)) < 2:  # run alone (-k): promote a second version first
-        teammate_change(team, tmp_path / "teammate", "Promote above 0.55", "promote", min_accuracy=0.55)
-        _completed(team, run_once(team))
-    operator = team.clone(tmp_path / "operator")
-    run_command(["git", "fetch", "-q", "--tags"], operator)
-    newest = max(tags.registered_versions(operator))
-    for version in (1, newest):  # roll back to version 1, then forward again
-        result = run_command([sys.executable, "-m", "tasks.commands.registry", "assign-prod", str(version), "--push"],
-                             operator)
-        assert f"mnist-mlp: version {version} is in prod" in result.stdout
-        target = tmp_path / f"prod-{version}"
-        dvc(tmp_path, "artifacts", "get", str(team.remote), "mnist-mlp", "--stage", "prod", "-o", target.name)
-        assert max(int(entry.name) for entry in target.iterdir()) == version
-    missing = run_command([sys.executable, "-m", "tasks.commands.registry", "assign-prod", "99"], operator, check=False)
-    assert missing.returncode == 1 and "version 99 is not registered" in missing.stderr
-
-
 def test_fresh_clone_numbers_a_new_version_after_every_registered_one(team: Team, tmp_path: Path) -> None:
     operator = team.clone(tmp_path / "operator")
     run_command(["git", "fetch", "-q", "--tags"], operator)

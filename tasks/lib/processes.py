@@ -12,6 +12,7 @@ the user's own choice.)
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import subprocess
@@ -20,6 +21,13 @@ import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO
+
+# Linux prctl(2): deliver a signal to this process when the thread that started it ends.
+_PR_SET_PDEATHSIG = 1
+# Set by `stream` for its children; a stage that finds it (tasks/lib/stage.py) asks for the same, so
+# `dvc repro` and the stage it runs both end with the flow run that started them, even a SIGKILLed one.
+END_WITH_PARENT = "MNIST_PIPELINE_END_WITH_PARENT"
+STOP_GRACE_SECONDS = 10.0
 
 
 class CommandTimedOut(RuntimeError):
@@ -45,14 +53,51 @@ def run(command: Sequence[str], cwd: Path | str | None = None, *, timeout: float
                           capture_output=capture, timeout=timeout)
 
 
+def _libc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+
+
+def _end_with(parent: int, libc: ctypes.CDLL | None) -> Callable[[], None]:
+    """In the child, before exec: its own session (a time-out or a stop reaches `dvc` and the stage
+    it runs as one process group), and SIGTERM when ``parent`` dies, however it dies."""
+    def prepare() -> None:
+        os.setsid()
+        if libc is not None and hasattr(libc, "prctl"):
+            libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before the request: end now
+            os._exit(1)
+    return prepare
+
+
+def stop_group(process: subprocess.Popen, grace: float = STOP_GRACE_SECONDS) -> None:
+    """SIGTERM to the process group ``process`` leads, SIGKILL after ``grace`` seconds; reaped."""
+    for sent in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(process.pid, sent)
+        except ProcessLookupError:
+            break
+        try:
+            process.wait(timeout=grace)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    process.wait()
+
+
 def stream(command: Sequence[str], cwd: Path | str, timeout: float,
            on_line: Callable[[str], object]) -> tuple[int, list[str]]:
     """Run ``command``, handing each output line (stdout and stderr together) to ``on_line`` as it
     comes; return (exit code, lines). After ``timeout`` seconds the command and every process it
     started (its own process group: `dvc` and the stage it runs) get SIGTERM, and
-    ``CommandTimedOut`` is raised."""
-    process = subprocess.Popen(list(command), cwd=cwd, env=child_environment(), stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True)
+    ``CommandTimedOut`` is raised. The same group is stopped when this call is interrupted (Ctrl-C,
+    Prefect's cancellation or SIGTERM), and the kernel sends the child SIGTERM if this process dies
+    outright (PR_SET_PDEATHSIG; a SIGKILLed worker), so no stage outlives its flow run."""
+    process = subprocess.Popen(list(command), cwd=cwd, env=child_environment(**{END_WITH_PARENT: "1"}),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                               preexec_fn=_end_with(os.getpid(), _libc()))  # noqa: PLW1509 - no lock is taken
     timed_out = threading.Event()
 
     def stop() -> None:
@@ -67,6 +112,9 @@ def stream(command: Sequence[str], cwd: Path | str, timeout: float,
             lines.append(line.rstrip())
             on_line(lines[-1])
         process.wait()
+    except BaseException:  # interrupted: the children must not outlive this call
+        stop_group(process)
+        raise
     finally:
         watchdog.cancel()
     if timed_out.is_set():

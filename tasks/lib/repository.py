@@ -8,10 +8,13 @@ prefect.yaml, whose worker clones the branch first) goes:
    remote has, so nothing computed before is computed again and the champion is known;
 2. the stages, through the flow, as in the local loop;
 3. only if a stage ran: ``push_data`` (``dvc push``) first, then ``publish_results``: one commit
-   of the results, rebased onto the branch if a teammate pushed meanwhile, the registry tags of
-   a promoted version (``tasks.lib.registry.tags``), and one atomic ``git push``. Data first:
-   every commit on the git remote has its data in the DVC remote. If the teammate's commits
-   touch a file this run wrote, the run fails and the git remote keeps what it had.
+   of the results, the registry tags of a promoted version (``tasks.lib.registry.tags``) on
+   that commit, and one atomic ``git push``. Data first: every commit on the git remote has its
+   data in the DVC remote. If a teammate pushed meanwhile: commits that touch none of the run's
+   inputs or outputs are kept by rebasing the run's commit onto them; commits that change an
+   input (params, code, data: what dvc.lock records) are joined by a merge commit, the run's
+   commit staying on its start commit, so every tagged commit has `dvc status` clean; commits
+   that touch a file this run wrote fail the run and the git remote keeps what it had.
 
 Every git and dvc command goes through ``git``/``dvc`` below (and so through
 ``tasks.lib.processes``); DVC is asked through its Python API where it answers a question
@@ -21,12 +24,17 @@ Every git and dvc command goes through ``git``/``dvc`` below (and so through
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import os
 import re
+import shutil
 import socket
 import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import yaml
 
 from tasks.lib import processes
 
@@ -50,6 +58,8 @@ class Publication:
     branch: str
     tags: list[str] = field(default_factory=list)
     rebased_onto: str | None = None
+    run_commit: str | None = None  # the commit the tags name (the head, or the merge's first parent)
+    merged_with: str | None = None  # the teammate's tip the run's commit was merged with
 
 
 def _git(repo: Path, arguments: tuple[str, ...]) -> subprocess.CompletedProcess:
@@ -101,9 +111,66 @@ def open_dvc_repo(repo: Path) -> Iterator:
         yield dvc_repo
 
 
+def dvc_lock_holder(repo: Path) -> str | None:
+    """The process id holding DVC's repository lock (a running `dvc repro`), or None when free.
+    The lock is taken and released at once, the way DVC takes it (zc.lockfile)."""
+    import zc.lockfile
+
+    lock = repo / ".dvc" / "tmp" / "lock"
+    if not lock.parent.is_dir():
+        return None
+    try:
+        zc.lockfile.LockFile(str(lock)).close()
+    except zc.lockfile.LockError:
+        return lock.read_text(errors="replace").strip() or "another process"
+    return None
+
+
 def default_remote(repo: Path) -> str | None:
     with open_dvc_repo(repo) as dvc_repo:
         return dvc_repo.config["core"].get("remote")
+
+
+# ---- the run's directory ---------------------------------------------------------------------
+
+RUN_MARK = ".mnist-pipeline-run"  # in the directory a worker made for one run; locked while it runs
+_held_marks: list[int] = []  # descriptors of this process's marks: their locks last as long as it does
+
+
+def claim_run_directory(directory: Path) -> None:
+    """Mark ``directory`` (a worker's temporary directory of this run) as in use, for as long as
+    this process lives: an exclusive lock on a file in it, which the kernel drops when the process
+    dies, however it dies."""
+    staged = directory / f"{RUN_MARK}.{os.getpid()}"
+    descriptor = os.open(staged, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    staged.rename(directory / RUN_MARK)  # appears locked: a sweeper never sees it free while we live
+    _held_marks.append(descriptor)
+
+
+def _unlocked(mark: Path) -> bool:
+    try:
+        descriptor = os.open(mark, os.O_RDWR)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(descriptor)  # closing releases the lock
+
+
+def sweep_dead_run_directories(parent: Path, pattern: str) -> list[Path]:
+    """Remove the directories in ``parent`` matching ``pattern`` that a run marked and whose run is
+    dead (a SIGKILLed worker cannot remove its own); return them. Unmarked ones are not ours."""
+    removed = []
+    for directory in sorted(parent.glob(pattern)):
+        if directory.is_dir() and _unlocked(directory / RUN_MARK):
+            shutil.rmtree(directory, ignore_errors=True)
+            removed.append(directory)
+    return removed
 
 
 # ---- start of a run -------------------------------------------------------------------------
@@ -223,38 +290,74 @@ def commit_results(repo: Path, message: str) -> str | None:
     return git(repo, "rev-parse", "HEAD")
 
 
-def _rebase_onto(repo: Path, tip: str) -> None:
-    """Rebase the run's commit onto ``tip`` unless the new commits there touch what the run wrote."""
-    ours = set(git(repo, "diff", "--name-only", "HEAD~1", "HEAD").splitlines())
-    base = git(repo, "merge-base", "HEAD", tip)
+def run_paths(repo: Path, commit: str) -> list[str]:
+    """What the run at ``commit`` read or wrote, as its dvc.lock records it: every stage's deps,
+    params files and outs, with dvc.yaml and dvc.lock (a change there changes what a stage runs)."""
+    lock = yaml.safe_load(git(repo, "show", f"{commit}:dvc.lock", check=False) or "{}") or {}
+    paths = {"dvc.yaml", "dvc.lock"}
+    for stage in (lock.get("stages") or {}).values():
+        paths |= {entry["path"] for entry in [*stage.get("deps", []), *stage.get("outs", [])]}
+        paths |= set(stage.get("params") or {})
+    return sorted(paths)
+
+
+def _touches(files: set[str], paths: list[str]) -> list[str]:
+    """The files that are one of ``paths`` or lie under one of them (a directory output)."""
+    return sorted(name for name in files if any(name == path or name.startswith(path.rstrip("/") + "/")
+                                                for path in paths))
+
+
+def _join(repo: Path, commit: str, tip: str) -> tuple[str, str | None, str | None]:
+    """Join the run's ``commit`` with the branch's new ``tip``: (the run's commit, rebased onto,
+    merged with).
+
+    A teammate's commits that change none of the run's inputs or outputs: the run's commit is
+    rebased onto them (it stays consistent: its dvc.lock still describes its tree). Commits that
+    change an input (params, code, data): the run's commit stays on its start commit, where its
+    dvc.lock is true, and a merge commit joins the two; the next run trains their change. Commits
+    that change a file the run also wrote: nothing is pushed (TeamError)."""
+    git(repo, "reset", "--quiet", "--hard", commit)
+    ours = set(git(repo, "diff", "--name-only", f"{commit}~1", commit).splitlines())
+    base = git(repo, "merge-base", commit, tip)
     theirs = set(git(repo, "diff", "--name-only", base, tip).splitlines())
+    commits = git(repo, "log", "--format=%h %an: %s", f"{base}..{tip}")
     if overlap := sorted(ours & theirs):
-        commits = git(repo, "log", "--format=%h %an: %s", f"{base}..{tip}")
         raise TeamError("the branch moved during this run and the new commits change files this run also wrote "
                         f"({', '.join(overlap)}):\n{commits}\nNothing was pushed to git (the git remote is as "
                         "it was; the data in the DVC remote is harmless); the next run starts from their commit.")
+    if inputs := _touches(theirs, run_paths(repo, commit)):
+        message = (f"Merge {tip[:12]} into this run's results\n\nThe branch moved during the run, and the new "
+                   f"commits change what the run read ({', '.join(inputs)}), so the run's commit stays on the "
+                   f"commit it started from (its dvc.lock is true there) and the next run trains their change:\n"
+                   f"{commits}")
+        if not git_succeeds(repo, "merge", "--quiet", "--no-ff", "--no-verify", "-m", message, tip):
+            git(repo, "merge", "--abort", check=False)
+            raise TeamError(f"could not merge {tip[:12]} with this run's commit; nothing was pushed to git")
+        return commit, None, tip
     if not git_succeeds(repo, "rebase", "--quiet", tip):
         git(repo, "rebase", "--abort", check=False)
         raise TeamError(f"could not rebase this run's commit onto {tip[:12]}; nothing was pushed to git")
+    return git(repo, "rev-parse", "HEAD"), tip, None
 
 
 def publish_results(repo: Path, start: RunStart, message: str,
-                    tag_commit: Callable[[], list[str]] = lambda: []) -> Publication:
-    """Commit the results, tag the commit (``tag_commit``: make the local tags of HEAD, return
-    their names; the registry's, for a promoted version), push both in one atomic push."""
+                    tag_commit: Callable[[str], list[str]] = lambda commit: []) -> Publication:
+    """Commit the results, tag the run's commit (``tag_commit(commit)``: make the local tags,
+    return their names; the registry's, for a promoted version), push the branch and the tags in
+    one atomic push. The tags always name the run's own commit, where `dvc status` is clean."""
     commit = commit_results(repo, message)
     if commit is None:
         return Publication(None, start.branch)
-    rebased_onto = None
+    rebased_onto = merged_with = None
     for _attempt in range(PUSH_ATTEMPTS):
         tip = fetch_branch(repo, start.branch)
-        if git(repo, "rev-parse", "HEAD~1") != tip:
-            _rebase_onto(repo, tip)
-            rebased_onto = tip
-        tags = tag_commit()
+        if git(repo, "rev-parse", f"{commit}~1") != tip:
+            commit, rebased, merged = _join(repo, commit, tip)
+            rebased_onto, merged_with = rebased or rebased_onto, merged
+        tags = tag_commit(commit)
         if _push(repo, start.branch, tags):
-            return Publication(git(repo, "rev-parse", "HEAD"), start.branch, tags, rebased_onto)
-        for tag in tags:  # the branch moved again: tag the rebased commit next time
+            return Publication(git(repo, "rev-parse", "HEAD"), start.branch, tags, rebased_onto, commit, merged_with)
+        for tag in tags:  # the branch moved again: tag the joined commit next time
             git(repo, "tag", "--delete", tag)
     raise TeamError(f"the branch kept moving; gave up after {PUSH_ATTEMPTS} pushes (the git remote is as it was)")
 

@@ -98,6 +98,18 @@ def append_registry(registry: Path, entry: dict) -> None:
     write_bytes_atomic(registry, (json.dumps(history, indent=2) + "\n").encode())
 
 
+def rolled_back_models(history: list[dict]) -> dict[str, dict]:
+    """``model_sha256`` of every model a rollback replaced and no later rollback restored, each
+    with that rollback's record: the lineages (code, params, data) not to promote again."""
+    withdrawn: dict[str, dict] = {}
+    for entry in history:
+        if entry.get("action") == "rollback":
+            if replaced := entry.get("replaced_sha256"):
+                withdrawn[replaced] = entry
+            withdrawn.pop(entry.get("model_sha256"), None)
+    return withdrawn
+
+
 def recorded_versions(history: list[dict]) -> set[int]:
     return {entry["version"] for entry in history if isinstance(entry.get("version"), int)}
 

@@ -5,8 +5,12 @@ Version N of ``models/production/`` (TF Serving's integer versions) is registere
 to ``gto show``, ``dvc artifacts get`` and DVC Studio) at the commit that published it; the
 served one carries stage ``prod`` (tag ``mnist-mlp#prod#K``). ``dvc artifacts get <git-url>
 mnist-mlp --stage prod`` fetches ``models/production/`` as of the commit of the newest ``prod``
-assignment. Queries and tags go through ``gto.api``; the only git done here by hand is fetching
-and pushing the tags, and keeping assignments in order (below).
+assignment. A run's promotion registers its version at the run's own commit (where `dvc status`
+is clean) and assigns it prod; so does a rollback (``tasks/lib/registry/rollback.py``: the files
+of an earlier version re-published under a new number), so prod is always the highest version of
+``models/production/``, the one TF Serving serves. Queries and tags go through ``gto.api``; the
+only git done here by hand is fetching and pushing the tags, and keeping assignments in order
+(below).
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from tasks.lib.repository import REMOTE, TeamError, ensure_identity, git, toplevel
+from tasks.lib.repository import TeamError, git, toplevel
 
 ARTIFACT = "mnist-mlp"  # the model's name in DVC's model registry (dvc.yaml `artifacts:`)
 STAGE = "prod"
@@ -41,12 +45,12 @@ def _serving_version(semantic: str | None) -> int | None:
 def registered_versions(repo: Path) -> list[int]:
     """TF Serving versions registered in the tags of the git repository holding the directory
     ``repo``, ascending (none outside git)."""
-    from gto.api import show
-    from gto.exceptions import ArtifactNotFound
-
     root = toplevel(repo)
     if root is None:
         return []
+    from gto.api import show  # a second to import: only where there is a git repository to ask
+    from gto.exceptions import ArtifactNotFound
+
     try:
         shown = show(str(root), ARTIFACT, registered_only=True)
     except ArtifactNotFound:  # nothing registered yet
@@ -87,32 +91,17 @@ def _assign(repo: Path, version: int) -> None:
            message=f"Assign {ARTIFACT} version {version} to {STAGE}")
 
 
-def register_promotion(repo: Path, version: int) -> list[str]:
-    """Register version N at HEAD and assign it stage prod; return the new local tags."""
+def register_promotion(repo: Path, version: int, commit: str = "HEAD") -> list[str]:
+    """Register version N at ``commit`` (the run's own, where `dvc status` is clean) and assign it
+    stage prod; return the new local tags."""
     from gto.api import register
     from gto.exceptions import GTOException
 
     before = _tags(repo)
     try:
-        register(str(repo), ARTIFACT, "HEAD", version=gto_version(version),
+        register(str(repo), ARTIFACT, commit, version=gto_version(version),
                  message=f"Register {ARTIFACT} version {version} (models/production/{version})")
         _assign(repo, version)
     except GTOException as error:
         raise TeamError(f"cannot register {ARTIFACT} version {version}: {error}; nothing was pushed to git") from None
     return sorted(_tags(repo) - before)
-
-
-def assign_prod(repo: Path, version: int, push: bool) -> str:
-    """Stage prod to an already registered version (a rollback); return the assignment tag."""
-    if push:
-        git(repo, "fetch", "--quiet", "--tags", "--force", REMOTE)
-    known = registered_versions(repo)
-    if version not in known:
-        raise TeamError(f"{ARTIFACT} version {version} is not registered (registered: {known or 'none'})")
-    ensure_identity(repo)
-    before = _tags(repo)
-    _assign(repo, version)
-    (tag,) = _tags(repo) - before
-    if push:
-        git(repo, "push", "--quiet", REMOTE, f"refs/tags/{tag}")
-    return tag
