@@ -72,6 +72,18 @@ def _end_with(parent: int, libc: ctypes.CDLL | None) -> Callable[[], None]:
     return prepare
 
 
+def end_with_parent() -> None:
+    """In a stage started under a flow run (``stream`` sets END_WITH_PARENT for `dvc repro`, whose
+    child the stage is): SIGTERM to this process when `dvc` dies, however it dies, so no stage
+    outlives the flow run that started it. Elsewhere (`dvc repro` by hand) nothing."""
+    libc = _libc()
+    if os.environ.get(END_WITH_PARENT) != "1" or libc is None or not hasattr(libc, "prctl"):
+        return
+    libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+    if os.getppid() == 1:  # dvc died before the request reached the kernel
+        sys.exit(1)
+
+
 def stop_group(process: subprocess.Popen, grace: float = STOP_GRACE_SECONDS) -> None:
     """SIGTERM to the process group ``process`` leads, SIGKILL after ``grace`` seconds; reaped."""
     for sent in (signal.SIGTERM, signal.SIGKILL):

@@ -18,23 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from tasks.lib.params import DEFAULT_PARAMS_PATH, Params, ParamsError, load_params
+from tasks.lib.processes import end_with_parent
 
 Arguments = Callable[[Params], dict[str, Any]]
-_PR_SET_PDEATHSIG = 1  # Linux prctl(2)
-
-
-def end_with_parent() -> None:
-    """Under a flow run (tasks/lib/processes.py `stream` sets MNIST_PIPELINE_END_WITH_PARENT for
-    `dvc repro`, whose child this stage is): SIGTERM to this stage when `dvc` dies, however it dies,
-    so no stage outlives the flow run that started it. Elsewhere (`dvc repro` by hand) nothing."""
-    if os.environ.get("MNIST_PIPELINE_END_WITH_PARENT") != "1" or not sys.platform.startswith("linux"):
-        return
-    import ctypes
-    import signal
-
-    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
-    if os.getppid() == 1:  # dvc died before the request reached the kernel
-        sys.exit(1)
 
 
 def run_stage(argv: list[str] | None, description: str, work: Callable[..., object], arguments: Arguments,
