@@ -31,9 +31,11 @@ from google.protobuf.message import Message
 from tensorflow.core.protobuf import fingerprint_pb2, saved_model_pb2
 from tensorflow.python.saved_model.pywrap_saved_model import fingerprinting  # TF's own fingerprint hashes
 
+from tasks.lib.files import FileProblem, check_tree
 from tasks.lib.params import ModelParams
 
 INPUT_SIZE = 784
+MAX_MODEL_BYTES = 1 << 30  # the largest network params allow (10000 hidden units) exports ~65 MB
 NUM_CLASSES = 10
 
 
@@ -206,7 +208,13 @@ REQUIRED_SIGNATURES = ("serving_default", "serving_float", "raw_weights")
 
 def load_serving_model(directory: str) -> tf.Module:
     """Load an exported model and check its signatures. A SavedModel holds graphs and tensors
-    only, so loading it runs no Python from the file (unlike pickle or Keras lambda layers)."""
+    only, so loading it runs no Python from the file (unlike pickle or Keras lambda layers).
+    Every entry below ``directory`` must be a regular file or a directory, within a size cap,
+    before TensorFlow opens any (a FIFO there would block its reader for ever)."""
+    try:
+        check_tree(Path(directory), MAX_MODEL_BYTES)
+    except FileProblem as error:
+        raise ModelLoadError(f"cannot load the model in {directory}: {error}") from None
     try:
         loaded = tf.saved_model.load(str(directory))
     except (OSError, ValueError, tf.errors.OpError) as error:
