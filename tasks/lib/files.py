@@ -18,6 +18,7 @@ Not a command: imported by the stages and commands.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import stat
 from collections.abc import Iterator
@@ -111,6 +112,21 @@ def read_text_file(path: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> str:
         return data.decode("utf-8")
     except UnicodeDecodeError as error:
         raise FileProblem(f"{path}: not UTF-8 text (byte 0x{data[error.start]:02x} at offset {error.start})") from None
+
+
+# How libraries that do their own file IO (TensorFlow) word the errors of a full disk, a read-only
+# directory or a size limit; mapped back to the OSError the same failure raises in Python.
+_ENVIRONMENT_TEXTS = {"No space left on device": errno.ENOSPC, "Disk quota exceeded": errno.EDQUOT,
+                      "Read-only file system": errno.EROFS, "Permission denied": errno.EACCES,
+                      "File too large": errno.EFBIG}
+
+
+def environment_error(text: str, path: Path) -> OSError | None:
+    """The OSError (naming ``path``) that a library's error message ``text`` stands for, if any."""
+    for words, number in _ENVIRONMENT_TEXTS.items():
+        if words in text:
+            return OSError(number, os.strerror(number), str(path))
+    return None
 
 
 def check_tree(directory: Path, max_bytes: int, max_entries: int = 10_000) -> None:

@@ -31,7 +31,7 @@ from google.protobuf.message import Message
 from tensorflow.core.protobuf import fingerprint_pb2, saved_model_pb2
 from tensorflow.python.saved_model.pywrap_saved_model import fingerprinting  # TF's own fingerprint hashes
 
-from tasks.lib.files import FileProblem, check_tree
+from tasks.lib.files import FileProblem, check_tree, environment_error
 from tasks.lib.params import ModelParams
 
 INPUT_SIZE = 784
@@ -121,7 +121,10 @@ def export(model: ServingModel, directory: str) -> None:
     same weights saved by a process that had traced more before would differ in bytes, and DVC
     would see a changed model. The names are rewritten to their order of creation within this
     export and the fingerprint is derived from the rewritten files."""
-    tf.saved_model.save(model, directory, signatures=model.signatures())
+    try:
+        tf.saved_model.save(model, directory, signatures=model.signatures())
+    except tf.errors.OpError as error:  # TensorFlow's own writes: a full disk is an OpError there
+        raise environment_error(str(error), Path(directory)) or error from None
     _canonicalise_saved_model(Path(directory) / "saved_model.pb")
     _make_fingerprint_reproducible(Path(directory))
 
