@@ -42,10 +42,10 @@ class Split:
     labels: np.ndarray
 
 
-def _opened(path: Path):
+def _opened(path: Path, max_bytes: int = MAX_DATA_FILE_BYTES):
     """``path`` opened as a regular data file (a FIFO or a device is a DataError, never read)."""
     try:
-        return open_regular_file(Path(path), MAX_DATA_FILE_BYTES)
+        return open_regular_file(Path(path), max_bytes)
     except FileProblem as error:
         raise DataError(str(error)) from None
 
@@ -95,7 +95,7 @@ def decode_idx(data: bytes, name: str = "IDX data") -> np.ndarray:
 
 def read_idx_header(path: Path) -> tuple[int, ...]:
     """The shape an IDX file declares, checked against the file's size, reading only the header."""
-    with _opened(path) as stream:
+    with _opened(path, max_bytes=1 << 62) as stream:  # the header is read, and judges the size
         return decode_idx_header(stream.read(MAX_IDX_HEADER), os.fstat(stream.fileno()).st_size, str(path))[0]
 
 
