@@ -72,8 +72,9 @@ def build_metrics(test: Scores, validation: Scores, test_labels: np.ndarray, tra
 def read_train_summary(path: Path) -> dict:
     """The speed and resume facts train left beside its last curve point (a JSON object with
     ``steps``, ``steps_per_second`` and ``seconds``); read as a checked regular file."""
+    text = read_text_file(path, MAX_SUMMARY_BYTES)  # FileProblem (a ValueError too) goes up as it is
     try:
-        summary = json.loads(read_text_file(path, MAX_SUMMARY_BYTES))
+        summary = json.loads(text)
     except (ValueError, RecursionError) as error:
         raise FileProblem(f"{path}: not the JSON train writes ({type(error).__name__}); run train again") from None
     if not isinstance(summary, dict) or not all(isinstance(summary.get(key), (int, float)) and

@@ -23,6 +23,7 @@ import numpy as np
 from tasks.lib import mnist
 from tasks.lib.files import FileProblem, check_regular_file, open_regular_file
 from tasks.lib.params import ParamsError, load_params
+from tasks.lib.registry.production import RegistryError, versions
 
 
 class InputError(ValueError):
@@ -152,8 +153,6 @@ def _as_mnist(intensity: np.ndarray, path: Path) -> np.ndarray:
 
 
 def current_model_dir(production: Path) -> Path:
-    from tasks.lib.registry.production import versions
-
     published = versions(production)
     if not published:
         raise InputError(f"no production model in {production}/: run the pipeline (`dvc repro`) first")
@@ -174,20 +173,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("paths", nargs="+", type=Path, help="PNG/JPEG digit images or IDX image files")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = parser.parse_args(argv)
+    try:  # every input checked before TensorFlow loads (seconds): a refusal is immediate
+        model_dir = current_model_dir(Path(load_params(args.params).paths.production))
+        inputs = [(path, read_images(path)) for path in args.paths]
+    except (InputError, ParamsError, RegistryError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     from tasks.lib.model import ModelLoadError, load_serving_model
 
     try:
-        model_dir = current_model_dir(Path(load_params(args.params).paths.production))
-        inputs = [(path, read_images(path)) for path in args.paths]  # all checked before any work
         loaded = load_serving_model(str(model_dir))
-        for path, images in inputs:
-            digits, probabilities = predict(loaded, images)
-            for index, (digit, probability) in enumerate(zip(digits, probabilities)):
-                label = f"{path}[{index}]" if len(images) > 1 else str(path)
-                print(f"{label}: {digit} (p={probability:.3f})")
-    except (InputError, ModelLoadError, ParamsError) as error:
+    except ModelLoadError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    for path, images in inputs:
+        digits, probabilities = predict(loaded, images)
+        for index, (digit, probability) in enumerate(zip(digits, probabilities)):
+            label = f"{path}[{index}]" if len(images) > 1 else str(path)
+            print(f"{label}: {digit} (p={probability:.3f})")
     print(f"(model: {model_dir})", file=sys.stderr)
     return 0
 

@@ -436,7 +436,10 @@ def check_paths_inside(params: Params, root: Path, path: Path) -> None:
     """Every ``paths`` entry, links resolved, stays inside ``root`` (the directory of the params file)."""
     base = root.resolve()
     for name, value in params.paths.model_dump().items():
-        resolved = (base / value).resolve()
+        try:
+            resolved = (base / value).resolve()
+        except (RuntimeError, OSError) as error:  # a link loop
+            raise ParamsError(f"{path}: paths.{name} = {value!r} cannot be resolved ({error})") from None
         if resolved != base and base not in resolved.parents:
             raise ParamsError(f"{path}: paths.{name} = {value!r} leads outside the repository (to {resolved}) "
                               "through a symbolic link")
@@ -446,7 +449,11 @@ def load_params(path: Path = DEFAULT_PARAMS_PATH) -> Params:
     """Read and validate params.yaml once per process (per file: a relative path is taken from
     the working directory at the time of the call). Beyond the file itself: every path stays
     inside the file's directory, and a training run fits this machine's memory."""
-    return _load_params(Path(path).resolve(), Path(path))
+    try:
+        resolved = Path(path).resolve()
+    except (RuntimeError, OSError) as error:  # a link loop
+        raise ParamsError(f"{path}: cannot be read ({error})") from None
+    return _load_params(resolved, Path(path))
 
 
 @cache

@@ -40,7 +40,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from tasks.lib.atomic import write_bytes_atomic
-from tasks.lib.files import FileProblem, check_tree, directory_or_absent, read_text_file
+from tasks.lib.files import FileProblem, check_tree, directory_or_absent, environment_error, read_text_file
 from tasks.lib.registry.tags import registered_versions
 
 _STAGING = re.compile(r"^\.publishing-v(\d+)-")
@@ -242,6 +242,16 @@ def prune(production: Path, keep_versions: int) -> None:
         shutil.rmtree(doomed, ignore_errors=True)
 
 
+def _copy_model(source: Path, target: Path) -> None:
+    """copytree, whose failures (a list of them, in one shutil.Error) become one OSError naming the file."""
+    try:
+        shutil.copytree(source, target)
+    except shutil.Error as error:
+        origin, destination, why = error.args[0][0]
+        raise environment_error(str(why), Path(destination)) or RegistryError(
+            f"cannot copy {origin} to {destination}: {why}") from None
+
+
 def publish(model_dir: Path, production: Path, registry: Path, entry: dict, keep_versions: int) -> int:
     """Publish ``model_dir`` as the next version, recording ``entry`` (plus the version) first.
 
@@ -249,7 +259,7 @@ def publish(model_dir: Path, production: Path, registry: Path, entry: dict, keep
     version = next_version(production, read_registry(registry))
     staging = Path(tempfile.mkdtemp(dir=production, prefix=f".publishing-v{version}-"))
     try:
-        shutil.copytree(model_dir, staging / "model")
+        _copy_model(model_dir, staging / "model")
         _fsync_tree(staging / "model")
         append_registry(registry, {**entry, "version": version})  # the commit point
     except BaseException:
