@@ -457,8 +457,8 @@ def _environment_cases() -> list[Case]:
         Case(klass, "promote with models/ read-only", ["tasks.promote"],
              both(_fresh_candidate, _read_only("models/production")), "refused", "models/production",
              check=production_is(["1"]), trained=True),
-        Case(klass, "promote under a 1 KiB file-size limit", ["tasks.promote"], both(_fresh_candidate),
-             "refused", "file-size limit", check=production_is(["1"]), trained=True, file_size_limit=1 << 10),
+        Case(klass, "promote under a 32 KiB file-size limit", ["tasks.promote"], both(_fresh_candidate),
+             "refused", "file-size limit", check=production_is(["1"]), trained=True, file_size_limit=32 << 10),
     ]
     if os.geteuid() == 0 and shutil.which("unshare"):
         cases += [

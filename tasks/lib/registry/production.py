@@ -12,7 +12,8 @@ How each write keeps it:
 * **publish** copies the model into ``production/.publishing-v<N>-*/`` (fsynced), then appends
   the registry entry (the whole file is rewritten to a temporary file and renamed: that rename
   is the commit point), then renames the copy to ``production/<N>``. Killed before the commit
-  point, only a staging directory is left, and the next run removes it; killed after it, the
+  point, only a staging directory is left, and the next run removes it and records its number
+  as abandoned (a number once handed out is never handed out again); killed after it, the
   version is recorded and its staged copy complete, and the next run finishes the rename.
 * **prune** renames ``production/<N>`` to ``production/.pruning-<N>-*`` before deleting it, so
   no reader sees half a version.
