@@ -96,12 +96,14 @@ def open_regular_file(path: Path, max_bytes: int) -> Iterator[BinaryIO]:
 
 
 def read_regular_file(path: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
-    """The bytes of ``path``, a regular file of at most ``max_bytes`` (one that grows past the
-    cap while being read is refused: at most ``max_bytes + 1`` bytes are ever read)."""
+    """The bytes of ``path``, a regular file of at most ``max_bytes``. Its size is taken when it is
+    opened and one byte more is read (``read(n)`` sets ``n`` bytes aside first, so never the cap):
+    a file that grows while it is read is refused, never followed."""
     with open_regular_file(path, max_bytes) as stream:
-        data = stream.read(max_bytes + 1)
-    if len(data) > max_bytes:
-        raise FileProblem(f"{path}: grew past the {max_bytes} bytes allowed for it while being read")
+        size = os.fstat(stream.fileno()).st_size
+        data = stream.read(size + 1)
+    if len(data) > size:
+        raise FileProblem(f"{path}: grew while being read (a file still being written?)")
     return data
 
 
