@@ -17,7 +17,7 @@ The outcome is one of
     silent wrong      exit 0 where a refusal was due, or a result the check rejects
     unclean refusal   exit non-zero without the one clear line
 
-    python -m tests.hostile_inputs [CODE_ROOT]    # the whole table, a summary per class
+    python -m tests.hostile_inputs [CODE_ROOT [TEXT]]   # the table (cases whose name has TEXT), a summary per class
 
 CODE_ROOT (default: this checkout) is the code under test: point it at an export of an older
 commit to see what that code did with the same inputs.
@@ -518,7 +518,7 @@ def _image_cases() -> list[Case]:
              for name, kind, needle in refusals]
     for name, kind in (("alpha.png", "alpha"), ("sixteen.png", "16-bit"), ("float.tiff", "float"),
                        ("paper.png", "dark-on-light"), ("palette.png", "palette-alpha"), ("grey-alpha.png", "LA"),
-                       ("rgb.jpg", "jpeg")):
+                       ("rgb.png", "rgb")):
         cases.append(Case(klass, f"predict {name} ({kind})", [PREDICT, name, "reference.png"], _image(name, kind),
                           "correct", check=_same_digit_as_reference, trained=True))
     return cases
@@ -539,7 +539,9 @@ def _image(name: str, kind: str) -> Callable[[Path], None]:
         from tasks.lib import mnist
 
         digit, path = _digit(), directory / name
-        Image.fromarray(digit).save(directory / "reference.png")
+        # the 8-bit grey image the input must read as (a palette image holds the digit at 1 bit)
+        reference = np.where(digit > 127, 255, 0).astype(np.uint8) if kind == "palette-alpha" else digit
+        Image.fromarray(reference).save(directory / "reference.png")
         rgba = np.zeros((28, 28, 4), np.uint8)
         writers = {
             "idx:0": lambda: path.write_bytes(mnist.encode_idx(np.zeros((0, 28, 28), np.uint8))),
@@ -559,7 +561,7 @@ def _image(name: str, kind: str) -> Callable[[Path], None]:
             "dark-on-light": lambda: Image.fromarray(255 - digit).save(path),
             "palette-alpha": lambda: _palette_alpha(digit, path),
             "LA": lambda: Image.fromarray(np.stack([np.full_like(digit, 255), digit], -1), "LA").save(path),
-            "jpeg": lambda: Image.fromarray(np.stack([digit] * 3, -1)).save(path, quality=100),
+            "rgb": lambda: Image.fromarray(np.stack([digit] * 3, -1)).save(path),
         }
         writers[kind]()
     return prepare
@@ -577,7 +579,9 @@ def _same_digit_as_reference(directory: Path, result: Result) -> str | None:
     lines = [line for line in result.stdout.splitlines() if ": " in line]
     if len(lines) != 2:
         return f"expected two predictions, got {lines}"
-    answers = [line.split(": ", 1)[1].split()[0] for line in lines]
+    # the digit and its probability to 3 decimals: a misread image (blank, clipped, inverted)
+    # gives other probabilities even where the tiny model happens to name the same digit
+    answers = [line.split(": ", 1)[1] for line in lines]
     return None if answers[0] == answers[1] else f"read as {answers[0]}, the 8-bit original as {answers[1]}"
 
 
@@ -616,7 +620,8 @@ def all_cases() -> list[Case]:
 
 
 def main(argv: list[str]) -> int:
-    """Run every case against CODE_ROOT (argv[0], default this checkout); print a summary."""
+    """Run every case (or those whose name holds argv[1]) against CODE_ROOT (argv[0], default this
+    checkout); print a line per case and a summary per class."""
     import tempfile
     from collections import Counter
 
@@ -630,7 +635,8 @@ def main(argv: list[str]) -> int:
     template = work / "template"
     train_template(template, source, code_root)
     counts: dict[str, Counter] = {}
-    for index, case in enumerate(all_cases()):
+    chosen = [case for case in all_cases() if len(argv) < 2 or argv[1] in case.name]
+    for index, case in enumerate(chosen):
         directory = work / f"case-{index}"
         prepare_case(case, directory, source, template)
         result = run_case(case, directory, code_root)
