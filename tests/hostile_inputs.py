@@ -46,6 +46,10 @@ GiB = 1 << 30
 OUTCOMES = ("refused cleanly", "correct", "hang", "runaway", "traceback", "silent wrong", "unclean refusal")
 
 
+class CaseUnavailable(RuntimeError):
+    """This machine cannot set up the case (no immutable attribute for root, say); it is skipped."""
+
+
 @dataclass
 class Result:
     returncode: int | None
@@ -487,7 +491,8 @@ def _read_only(relative: str) -> Callable[[Path], None]:
     def prepare(directory: Path) -> None:
         path = directory / relative
         if os.geteuid() == 0:  # root ignores permission bits: the immutable attribute stops it
-            subprocess.run(["chattr", "+i", str(path)], check=True)
+            if subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode != 0:
+                raise CaseUnavailable(f"chattr +i {path} failed (file system or capability)")
         else:
             path.chmod(0o555)
     return prepare

@@ -17,7 +17,17 @@ from pathlib import Path
 import pytest
 
 from .conftest import write_synthetic
-from .hostile_inputs import CHECK, Case, all_cases, classify, prepare_case, release, run_case, train_template
+from .hostile_inputs import (
+    CHECK,
+    Case,
+    CaseUnavailable,
+    all_cases,
+    classify,
+    prepare_case,
+    release,
+    run_case,
+    train_template,
+)
 
 CASES = all_cases()
 RESULTS = os.environ.get("HOSTILE_RESULTS")  # a JSON-lines file to collect outcomes and peaks in
@@ -52,7 +62,11 @@ def test_the_harness_has_at_least_100_inputs_in_every_class() -> None:
 def test_hostile_input(case: Case, request: pytest.FixtureRequest, tmp_path: Path, source: Path) -> None:
     template = request.getfixturevalue("template") if case.trained else None
     directory = tmp_path / "case"
-    prepare_case(case, directory, source, template)
+    try:
+        prepare_case(case, directory, source, template)
+    except CaseUnavailable as unavailable:
+        release(directory)
+        pytest.skip(str(unavailable))
     try:
         result = run_case(case, directory)
         outcome, detail = classify(case, result, directory)
