@@ -25,8 +25,11 @@ import numpy as np
 
 from tasks.lib import mnist, plots
 from tasks.lib.atomic import write_bytes_atomic
+from tasks.lib.files import FileProblem, read_text_file
 from tasks.lib.params import EvaluateParams, Params, Paths
 from tasks.lib.stage import run_stage
+
+MAX_SUMMARY_BYTES = 1 << 20  # a few hundred bytes written by DVCLive
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,21 @@ def build_metrics(test: Scores, validation: Scores, test_labels: np.ndarray, tra
     }
 
 
+def read_train_summary(path: Path) -> dict:
+    """The speed and resume facts train left beside its last curve point (a JSON object with
+    ``steps``, ``steps_per_second`` and ``seconds``); read as a checked regular file."""
+    text = read_text_file(path, MAX_SUMMARY_BYTES)  # FileProblem (a ValueError too) goes up as it is
+    try:
+        summary = json.loads(text)
+    except (ValueError, RecursionError) as error:
+        raise FileProblem(f"{path}: not the JSON train writes ({type(error).__name__}); run train again") from None
+    if not isinstance(summary, dict) or not all(isinstance(summary.get(key), (int, float)) and
+                                                not isinstance(summary.get(key), bool)
+                                                for key in ("steps", "steps_per_second", "seconds")):
+        raise FileProblem(f"{path}: lacks the numbers steps, steps_per_second and seconds; run the train stage again")
+    return summary
+
+
 def write_plots(plots_dir: Path, test: mnist.Split, predicted: np.ndarray, curves_dir: Path, shown: int) -> None:
     rows = ["actual,predicted"] + [f"{a},{p}" for a, p in zip(test.labels, predicted)]
     write_bytes_atomic(plots_dir / "confusion.csv", ("\n".join(rows) + "\n").encode())
@@ -92,7 +110,7 @@ def evaluate_candidate(evaluate: EvaluateParams, paths: Paths, *, validation_siz
     test = score(loaded, test_split, evaluate.batch_size)
     validation = score(loaded, mnist.load_split(paths.raw_data, "validation", validation_size), evaluate.batch_size)
     # DVCLive's layout in train's reports: metrics.json (summary) and plots/metrics/<name>.tsv (curves)
-    train_summary = json.loads((paths.train_reports / "metrics.json").read_text())
+    train_summary = read_train_summary(paths.train_reports / "metrics.json")
     metrics = build_metrics(test, validation, test_split.labels, train_summary)
     write_plots(paths.plots, test_split, test.predicted, paths.train_reports / "plots" / "metrics",
                 evaluate.misclassified_shown)

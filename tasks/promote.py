@@ -35,12 +35,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from tasks.lib import mnist
-from tasks.lib.atomic import write_bytes_atomic
+from tasks.lib.atomic import PreparedWrite
 from tasks.lib.params import Params, Paths, PromoteParams
 from tasks.lib.registry.production import (
     RegistryError,
     append_registry,
     locked,
+    next_version,
     now,
     publish,
     read_registry,
@@ -138,6 +139,27 @@ def _not_again(decision: Decision, model_sha256: str, history: list[dict]) -> De
     return Decision(**{**asdict(decision), "promoted": False, "reason": reason})
 
 
+def _record(promote: PromoteParams, paths: Paths, entry: dict) -> None:
+    """Publish (when promoted) and record ``entry`` in the registry and ``paths.promotion``.
+
+    The registry append is the commit point. Everything written after it is written before it:
+    ``paths.promotion`` is prepared (written and fsynced beside its place) first, and after the
+    commit point only renamed into place, which needs no space; a read-only directory, a full
+    disk or a size limit therefore stops the stage before production or the registry change."""
+    if entry["promoted"]:  # the number publish will take: it holds the lock, nothing changes meanwhile
+        entry["version"] = next_version(paths.production, read_registry(paths.registry))
+    prepared = PreparedWrite(paths.promotion, (json.dumps(entry, indent=2) + "\n").encode())
+    try:
+        if entry["promoted"]:
+            publish(paths.candidate, paths.production, paths.registry, entry, promote.keep_versions)
+        else:
+            append_registry(paths.registry, entry)
+    except BaseException:
+        prepared.discard()
+        raise
+    prepared.commit()
+
+
 def promote_candidate(promote: PromoteParams, paths: Paths, *, data_sha256: Mapping[str, str]) -> Decision:
     """Judge ``paths.candidate`` against the thresholds and the re-evaluated champion in
     ``paths.production``; publish it there if blessed; record the decision in ``paths.registry``
@@ -156,11 +178,7 @@ def promote_candidate(promote: PromoteParams, paths: Paths, *, data_sha256: Mapp
         entry = {"action": "promote", "time": now(), "git_revision": git_revision(Path.cwd()),
                  "model_sha256": model_sha256, "data_fingerprint": data_fingerprint(test_sha256),
                  **asdict(decision)}
-        if decision.promoted:
-            entry["version"] = publish(paths.candidate, paths.production, paths.registry, entry, promote.keep_versions)
-        else:
-            append_registry(paths.registry, entry)
-        write_bytes_atomic(paths.promotion, (json.dumps(entry, indent=2) + "\n").encode())
+        _record(promote, paths, entry)
     verdict = f"promoted as version {entry['version']}" if decision.promoted else "rejected"
     print(f"promote: {verdict}: {decision.reason}", flush=True)
     return Decision(**{**asdict(decision), "version": entry["version"]})

@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from tasks.lib import mnist
-from tasks.lib.atomic import staged_directory
+from tasks.lib.atomic import staged_directory, sweep_leftovers
 from tasks.lib.divergence import Divergence, TrainingDiverged, first_divergence
 from tasks.lib.params import ModelParams, Params, Paths, TrainParams
 from tasks.lib.schedules import BatchOrder, decay_steps_for, learning_rate_at
@@ -55,7 +55,8 @@ if TYPE_CHECKING:  # both load TensorFlow or DVC: imported when training actuall
 CURVE_COLUMNS = ("step", "loss", "learning_rate", "validation_accuracy_raw", "validation_accuracy")
 SUMMARY_KEYS = ("steps", "resumed_from_step", "seconds", "steps_per_second")
 # Fields that change how long or how often we look, not what is computed at each step.
-_NOT_IN_FINGERPRINT = {"steps", "eval_every", "checkpoint_every", "keep_checkpoints", "steps_per_call", "max_loss"}
+_NOT_IN_FINGERPRINT = {"steps", "eval_every", "checkpoint_every", "keep_checkpoints", "keep_runs", "steps_per_call",
+                       "max_loss"}
 
 
 @dataclass(frozen=True)
@@ -210,6 +211,8 @@ def train_model(model: ModelParams, train: TrainParams, paths: Paths, *, validat
     from tasks.lib.checkpoints import Checkpoints  # TensorFlow loads only when training actually runs
 
     mnist.verify_checksums(paths.raw_data, data_sha256)
+    for leftover in sweep_leftovers(paths.candidate):  # of a train stage killed while exporting
+        print(f"train: removed {leftover}, left by an interrupted export", flush=True)
     training = mnist.load_split(paths.raw_data, "train", validation_size)
     validation = mnist.load_split(paths.raw_data, "validation", validation_size)
     training_size = len(training.labels)
@@ -217,7 +220,7 @@ def train_model(model: ModelParams, train: TrainParams, paths: Paths, *, validat
     trainer = _build_trainer(model, train, training.images, training.labels, decay_steps)
     del training  # the trainer holds its own copy; this one would only add 172 MB to the peak
     fingerprint = run_fingerprint(model, train, validation_size, data_fingerprint(data_sha256))
-    checkpoints = Checkpoints(paths.checkpoints, fingerprint, train.keep_checkpoints)
+    checkpoints = Checkpoints(paths.checkpoints, fingerprint, train.keep_checkpoints, train.keep_runs)
     before = _restore(trainer, checkpoints, train)
     first_step = trainer.current_step()
     order = BatchOrder(training_size, train.batch_size, train.seed)

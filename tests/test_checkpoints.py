@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -220,18 +221,32 @@ def test_checkpoints_after_the_last_step_wait(saved, tmp_path: Path) -> None:
     assert (tmp_path / "checkpoints" / FINGERPRINT / "ckpt-40.index").is_file()
 
 
-def test_other_runs_are_deleted_only_when_starting_fresh(saved, tmp_path: Path) -> None:
+def _trainer(tmp_path: Path) -> Trainer:
+    write_synthetic(tmp_path / "source")
+    params = parse_params(make_params_document(tmp_path / "source"))
+    return Trainer(params.model, params.train, np.zeros((600, 784), np.float32), np.arange(600) % 10, decay_steps=10)
+
+
+def test_other_runs_are_kept_within_keep_runs_and_pruned_only_after_a_save(saved, tmp_path: Path) -> None:
     prefix, template, _ = saved
     shutil.copytree(prefix.parent.parent, tmp_path / "checkpoints")
     found, notes = Checkpoints(tmp_path / "checkpoints", FINGERPRINT, keep=3).find(1000, template)
     assert found is not None and found.step == 40 and notes == []
     (tmp_path / "checkpoints" / "notes.txt").write_text("not ours")
-    other = Checkpoints(tmp_path / "checkpoints", "f" * 16, keep=3)
+    for age, name in enumerate(("e" * 16, "d" * 16)):  # two more runs of other params, older
+        (tmp_path / "checkpoints" / name).mkdir()
+        os.utime(tmp_path / "checkpoints" / name, (1000 + age, 1000 + age))
+    other = Checkpoints(tmp_path / "checkpoints", "f" * 16, keep=3, keep_runs=2)
     found, notes = other.find(1000, template)
     assert found is None
-    assert notes == [f"ignoring the checkpoints in {tmp_path / 'checkpoints' / FINGERPRINT}: params or data "
-                     f"changed since they were written"]
-    assert sorted(path.name for path in (tmp_path / "checkpoints").iterdir()) == ["f" * 16, "notes.txt"]
+    assert f"ignoring the checkpoints in {tmp_path / 'checkpoints' / FINGERPRINT}: params or data " \
+           f"changed since they were written" in notes
+    everything = sorted(path.name for path in (tmp_path / "checkpoints").iterdir())
+    assert everything == sorted([FINGERPRINT, "d" * 16, "e" * 16, "f" * 16, "notes.txt"])  # nothing deleted yet
+    other.save(_trainer(tmp_path), [], 1.0)
+    # the two most recently written other runs stay (FINGERPRINT's, then d's); e's, the oldest, goes
+    assert sorted(path.name for path in (tmp_path / "checkpoints").iterdir()) == sorted(
+        [FINGERPRINT, "d" * 16, "f" * 16, "notes.txt"])
 
 
 def _outcome(prefix: Path, template: dict[str, np.ndarray], expected: Snapshot) -> str:

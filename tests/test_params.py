@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import re
 import subprocess
 import sys
@@ -103,7 +104,7 @@ def test_not_a_mapping_and_not_yaml(tmp_path: Path) -> None:
     broken.write_text("train: [unclosed\n")
     with pytest.raises(ParamsError, match="not valid YAML"):
         load_params(broken)
-    with pytest.raises(ParamsError, match="cannot read parameters"):
+    with pytest.raises(ParamsError, match="missing.yaml: no such file"):
         load_params(tmp_path / "missing.yaml")
 
 
@@ -165,7 +166,7 @@ def test_yaml_alias_bomb_is_refused_at_once_with_a_short_message(tmp_path: Path)
 @pytest.mark.parametrize(
     ("content", "expected"),
     [
-        (b"# padding\n" * 120_000, "larger than 1024 KiB; not a params file"),
+        (b"# padding\n" * 120_000, "larger than the 1048576 bytes allowed for it; not a params file"),
         ("# caf\u00e9 in Latin-1\n".encode("latin-1"), "not UTF-8 text (byte 0xe9 at offset 5)"),
         (b"train: " + b"[" * 5000 + b"]" * 5000 + b"\n", "nested more than 20 levels deep"),
     ],
@@ -222,3 +223,71 @@ def test_a_relative_path_is_read_from_the_current_directory(tmp_path: Path, monk
         (tmp_path / name / "params.yaml").write_text(yaml.safe_dump(document))
         monkeypatch.chdir(tmp_path / name)
         assert load_params(Path("params.yaml")).train.steps == steps
+
+
+# --- issue 24: "ok" means the stages can run ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "expected"),
+    [
+        ("train", "seed", 2**64, "train.seed = 18446744073709551616: Input should be less than or equal to"),
+        ("train", "decay_steps", 2**63, "train.decay_steps"),
+        ("train", "eval_every", 2**70, "train.eval_every"),
+        ("train", "max_loss", float("nan"), "train.max_loss = nan"),
+        ("train", "max_loss", float("inf"), "train.max_loss = inf"),
+        ("paths", "production", "../outside-prod", "must stay inside the repository"),
+        ("paths", "registry", "models/../../registry.json", "must stay inside the repository"),
+        ("schedule", "stage_timeout_seconds", {"train": -1.0}, "schedule.stage_timeout_seconds.train = -1.0"),
+        ("data", "class_counts", {"train": [10**12] * 10, "test": [1] * 10}, "data.class_counts.train.0"),
+    ],
+)
+def test_values_the_stages_cannot_run_are_refused(section: str, key: str, value: object, expected: str) -> None:
+    assert expected in _error_for(section, key, value)
+
+
+def test_the_largest_integers_the_stages_accept_pass() -> None:
+    document = copy.deepcopy(base_params_document())
+    document["train"].update(seed=2**63 - 1, decay_steps=2**63 - 1)
+    params = parse_params(document)
+    assert params.train.seed == 2**63 - 1
+
+
+def test_a_duplicate_key_is_refused_naming_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text(_params_text().replace("  seed: 0\n", "  seed: 0\n  seed: 1\n"))
+    with pytest.raises(ParamsError, match=r"params.yaml: line \d+: key 'seed' appears twice"):
+        load_params(path)
+
+
+def test_a_path_linked_outside_the_repository_is_refused(tmp_path: Path) -> None:
+    repo, outside = tmp_path / "repo", tmp_path / "outside"
+    repo.mkdir(), outside.mkdir()
+    (repo / "models").symlink_to(outside)
+    (repo / "params.yaml").write_text(_params_text())
+    with pytest.raises(ParamsError, match=r"paths.candidate = 'models/candidate' leads outside the repository"):
+        load_params(repo / "params.yaml")
+
+
+def test_a_run_that_needs_more_memory_than_the_machine_is_refused_with_the_estimate() -> None:
+    from tasks.lib.params import check_fits_machine, training_memory_bytes
+
+    document = copy.deepcopy(base_params_document())
+    document["train"].update(steps_per_call=100_000, batch_size=55_000)
+    params = parse_params(document)
+    assert training_memory_bytes(params)["batch_indices"] == 100_000 * 55_000 * 4 * 3
+    with pytest.raises(ParamsError, match=r"would need about 63\.9 GiB .*batch_indices: 61\.5 GiB.* has 8\.0 GiB"):
+        check_fits_machine(params, Path("params.yaml"), available=8 << 30)
+    defaults = parse_params(base_params_document())
+    assert 1.2 * 2**30 < sum(training_memory_bytes(defaults).values()) < 2 * 2**30  # measured: 1.24 GiB peak
+    check_fits_machine(defaults, Path("params.yaml"), available=4 << 30)
+
+
+def test_a_fifo_or_a_directory_as_the_params_file_is_one_line_at_once(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo.yaml"
+    os.mkfifo(fifo)
+    for path, kind in ((fifo, "a FIFO"), (tmp_path, "a directory")):
+        result = subprocess.run([sys.executable, "-m", "tasks.commands.check_params", str(path)], cwd=REPO_ROOT,
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 1 and f"is {kind}" in result.stderr
+        assert len(result.stderr.splitlines()) == 1

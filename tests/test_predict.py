@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import struct
 import tracemalloc
@@ -138,3 +139,70 @@ def test_errors_from_main_are_one_line_each(project: Path, capsys: pytest.Captur
         assert predict.main([name]) == 1
         error = capsys.readouterr().err
         assert error.startswith(f"error: {name}: ") and error.count("\n") == 1
+
+
+# --- issue 24: images as people save them, or refused -------------------------------------------------
+
+
+def _digit() -> np.ndarray:
+    return synthetic_arrays()["t10k-images-idx3-ubyte"][1]
+
+
+def _save_alpha_only(digit: np.ndarray, path: Path) -> None:
+    """Black ink whose shape is only in the alpha channel (how drawing programs save a digit)."""
+    rgba = np.zeros((28, 28, 4), np.uint8)
+    rgba[..., 3] = digit
+    Image.fromarray(rgba, "RGBA").save(path)
+
+
+def _save_16_bit(digit: np.ndarray, path: Path) -> None:
+    Image.fromarray(digit.astype(np.uint16) * 257).save(path)
+
+
+def _save_float_tiff(digit: np.ndarray, path: Path) -> None:
+    Image.fromarray(digit.astype(np.float32) / 255.0, mode="F").save(path)
+
+
+def _save_dark_on_light(digit: np.ndarray, path: Path) -> None:
+    light = np.zeros((28, 28), np.uint8)
+    light[4:24, 4:24] = digit[4:24, 4:24]
+    Image.fromarray(255 - light).save(path)
+
+
+@pytest.mark.parametrize(
+    ("save", "name"),
+    [(_save_alpha_only, "alpha.png"), (_save_16_bit, "sixteen.png"), (_save_float_tiff, "float.tiff"),
+     (_save_dark_on_light, "paper.png")],
+    ids=["alpha-only", "16-bit", "float-tiff", "dark-on-light"],
+)
+def test_images_are_read_as_people_save_them(tmp_path: Path, save, name: str) -> None:
+    digit = _digit()
+    if save is _save_dark_on_light:
+        digit = np.zeros_like(digit)
+        digit[4:24, 4:24] = _digit()[4:24, 4:24]
+    save(digit, tmp_path / name)
+    assert np.abs(predict.read_images(tmp_path / name)[0].astype(int) - digit).max() <= 1
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [(mnist.encode_idx(np.zeros((0, 28, 28), np.uint8)), "the IDX file holds no images"),
+     (None, "the image is blank")],
+    ids=["empty-idx", "blank-png"],
+)
+def test_inputs_without_a_digit_are_refused(tmp_path: Path, content: bytes | None, message: str) -> None:
+    path = tmp_path / "input"
+    if content is None:
+        Image.fromarray(np.full((28, 28), 7, np.uint8)).save(path.with_suffix(".png"))
+        path = path.with_suffix(".png")
+    else:
+        path.write_bytes(content)
+    with pytest.raises(predict.InputError, match=message):
+        predict.read_images(path)
+
+
+def test_a_fifo_or_a_directory_is_refused_without_waiting(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "fifo.png")
+    for name, kind in (("fifo.png", "a FIFO"), (".", "a directory")):
+        with pytest.raises(predict.InputError, match=f"is {kind}"):
+            predict.read_images(tmp_path / name)

@@ -108,8 +108,21 @@ def test_reconcile_removes_unrecorded_staging_and_pruning_leftovers(store: dict[
     (production / ".pruning-1" / "variables").mkdir(parents=True)  # killed while deleting
     store["registry"].parent.joinpath(".registry.json.x1y2.tmp").write_text("[")  # killed while writing
     with locked(production):
-        assert reconcile(production, store["registry"]) == []
+        assert reconcile(production, store["registry"]) == [
+            "version 3 was interrupted before it was recorded; its number is retired"]
     assert list(production.iterdir()) == [] and list(store["registry"].parent.glob("*.tmp")) == []
+    assert _publish(store) == 4  # a client may have seen .publishing-v3-*: 3 is never handed out again
+
+
+def test_a_killed_publish_never_lets_its_number_be_reused(store: dict[str, Path]) -> None:
+    """A publish SIGKILLed while copying (before its commit point) leaves .publishing-v<N>-*; the
+    next run removes it and publishes N+1, and so does every run after (the number is recorded)."""
+    assert _publish(store) == 1
+    (store["production"] / ".publishing-v2-killed" / "model").mkdir(parents=True)
+    assert _publish(store, "b") == 3
+    assert _publish(store) == 4
+    history = read_registry(store["registry"])
+    assert [entry.get("abandoned_version") for entry in history if entry["action"] == "abandoned"] == [2]
 
 
 def test_reconcile_records_or_quarantines_unrecorded_versions(store: dict[str, Path]) -> None:

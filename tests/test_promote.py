@@ -204,7 +204,8 @@ def test_publish_killed_midway_leaves_only_complete_versions(models: dict, tmp_p
     with locked(production):  # the next run cleans up what the killed one left
         reconcile(production, tmp_path / "registry.json")
     _publish(models["bad"], tmp_path)
-    assert sorted(p.name for p in production.iterdir()) == ["1", "2"]
+    # 2 was handed out (its staging directory bore the number) and is never handed out again
+    assert sorted(p.name for p in production.iterdir()) == ["1", "3"]
     assert before != tree_digest(production)
 
 

@@ -186,6 +186,37 @@ def test_changed_params_start_fresh(params: Params, tmp_path: Path, capsys: pyte
     assert summary.steps == params.train.steps
 
 
+def test_switching_params_back_resumes(params: Params, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """hidden_units 32 -> 16 -> 32 (the seed's 500 -> 300 -> 500, small): the third run resumes
+    the first one's checkpoint instead of starting from zero."""
+    wide, narrow = params.model, params.model.model_copy(update={"hidden_units": 16})
+    paths = _paths(tmp_path, Path(params.data.sources[0]))
+    for model in (wide, narrow):
+        train_model(model, params.train, paths, validation_size=params.data.validation_size,
+                    data_sha256=params.data.sha256)
+    capsys.readouterr()
+    summary = train_model(wide, params.train, paths, validation_size=params.data.validation_size,
+                          data_sha256=params.data.sha256)
+    assert summary.resumed_from_step == params.train.steps and "resuming from" in capsys.readouterr().out
+
+
+def test_a_run_that_fails_before_its_first_checkpoint_deletes_nothing(params: Params, tmp_path: Path) -> None:
+    _run(params, tmp_path, steps=40)
+    before = sorted(path.relative_to(tmp_path) for path in (tmp_path / "checkpoints").rglob("*"))
+    with pytest.raises(TrainingDiverged):  # other params, failing before their first checkpoint
+        _run(params, tmp_path, learning_rate=100.0, max_loss=1.0)
+    after = {path.relative_to(tmp_path) for path in (tmp_path / "checkpoints").rglob("*")}
+    assert set(before) <= after and any(path.suffix == ".index" for path in before)
+
+
+def test_leftovers_of_a_killed_export_are_swept(params: Params, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    leftover = tmp_path / ".candidate.partial-killed"
+    (leftover / "variables").mkdir(parents=True)
+    _run(params, tmp_path, steps=20)
+    assert not leftover.exists() and f"removed {leftover}" in capsys.readouterr().out
+
+
 def test_outputs_and_learning(params: Params, tmp_path: Path) -> None:
     summary = _run(params, tmp_path, steps=200, eval_every=100, steps_per_call=50, checkpoint_every=50)
     assert summary.validation_accuracy > 0.8  # the synthetic digits are easy; chance is 0.1

@@ -16,8 +16,10 @@ finds the newest sound one, newest first, and passes over the others with a one-
 from __future__ import annotations
 
 import logging
+import os
 import re
 import shutil
+import stat
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,6 +30,8 @@ from tasks.lib.tf_loader import tf  # before anything of TensorFlow: it loads qu
 # isort: split
 import numpy as np
 from google.protobuf.message import DecodeError
+
+from tasks.lib.files import directory_or_absent, environment_error
 
 CURVE_WIDTH = 5  # step, loss, learning rate, validation accuracy raw and EMA
 _PREFIX = "ckpt"
@@ -83,6 +87,7 @@ def load_checkpoint(prefix: Path, template: dict[str, np.ndarray], fingerprint: 
     """The checkpoint at ``prefix`` (``.../ckpt-<step>``), read whole and checked against this run:
     its arrays are those of ``template`` (``Trainer.state()``), it is of ``fingerprint``, its
     numbers make sense. Otherwise CheckpointError, and no variable of the trainer was touched."""
+    _check_regular_files(prefix)
     count = sum(name.startswith("weight_") for name in template)
     weights = [tf.Variable(np.zeros_like(template[f"weight_{i}"])) for i in range(count)]
     averages = [tf.Variable(np.zeros_like(template[f"average_{i}"])) for i in range(count)]
@@ -102,6 +107,14 @@ def load_checkpoint(prefix: Path, template: dict[str, np.ndarray], fingerprint: 
                         float(seconds.numpy()))
     _check_sense(snapshot)
     return snapshot
+
+
+def _check_regular_files(prefix: Path) -> None:
+    """Each file of the checkpoint is a regular file: TensorFlow would wait for ever on a FIFO."""
+    for path in prefix.parent.glob(f"{prefix.name}.*"):
+        mode = os.stat(path).st_mode if path.exists() else stat.S_IFREG
+        if not stat.S_ISREG(mode):
+            raise CheckpointError(f"{path.name} is not a regular file")
 
 
 def _check_sense(snapshot: Snapshot) -> None:
@@ -128,8 +141,10 @@ def _delete(directory: Path, step: int) -> None:
 class Checkpoints:
     """The checkpoints of one run (``root/<fingerprint>/``): find the newest sound one, then save."""
 
-    def __init__(self, root: Path, fingerprint: str, keep: int) -> None:
-        self.root, self.fingerprint, self.keep = Path(root), fingerprint, keep
+    def __init__(self, root: Path, fingerprint: str, keep: int, keep_runs: int = 3) -> None:
+        """``keep``: this run's newest checkpoints kept; ``keep_runs``: directories of other params or
+        data kept beside it (the most recently written), pruned only once this run has saved."""
+        self.root, self.fingerprint, self.keep, self.keep_runs = Path(root), fingerprint, keep, keep_runs
         self.directory = (self.root / fingerprint).resolve()
         self._manager: tf.train.CheckpointManager | None = None
 
@@ -139,8 +154,10 @@ class Checkpoints:
 
     def find(self, max_step: int, template: dict[str, np.ndarray]) -> tuple[Snapshot | None, list[str]]:
         """The newest sound checkpoint of this run at or before ``max_step``, and a note on each one
-        passed over. Damaged ones are deleted, and so, when none is left to resume from, are the
-        checkpoints of other params or data (they would only take up room)."""
+        passed over. Damaged ones are deleted; the checkpoints of other params or data are not
+        (``save`` prunes them, within ``keep_runs``, once this run is sure to proceed)."""
+        for directory in (self.root, self.root / self.fingerprint):
+            directory_or_absent(directory)  # a file where a directory belongs: FileProblem, one line
         self.directory.mkdir(parents=True, exist_ok=True)
         for leftover in self.directory.glob(f"{_PREFIX}-*_temp"):  # a save that was killed half-way
             shutil.rmtree(leftover, ignore_errors=True)
@@ -154,24 +171,29 @@ class Checkpoints:
             except CheckpointError as error:
                 notes.append(f"ignoring checkpoint {checkpoint_name(step)}: {error}")
                 _delete(self.directory, step)
-        notes += self._other_runs(delete=found is None)
+        notes += [f"ignoring the checkpoints in {other}: params or data changed since they were written"
+                  for other in sorted(self._other_runs())]
+        notes += [f"ignoring {other}: not a checkpoint of this version of the code" for other in self._older()]
         self._record()
         return found, notes
 
-    def _other_runs(self, delete: bool) -> list[str]:
-        """A note on each directory of other params or data and on each checkpoint file of the older
-        format beside them, deleted if asked. Anything else there is left alone."""
-        notes = []
-        for other in sorted(self.root.iterdir()):
-            if other.is_dir() and _RUN_DIRECTORY.fullmatch(other.name) and other.resolve() != self.directory:
-                notes.append(f"ignoring the checkpoints in {other}: params or data changed since they were written")
-                if delete:
-                    shutil.rmtree(other)
-            elif other.is_file() and _OLDER_FORMAT.fullmatch(other.name):
-                notes.append(f"ignoring {other}: not a checkpoint of this version of the code")
-                if delete:
-                    other.unlink()
-        return notes
+    def _other_runs(self) -> list[Path]:
+        """Directories of other params or data, most recently written first (anything else there is
+        left alone)."""
+        others = [other for other in self.root.iterdir() if _RUN_DIRECTORY.fullmatch(other.name)
+                  and other.is_dir() and not other.is_symlink() and other.resolve() != self.directory]
+        return sorted(others, key=lambda other: (other.stat().st_mtime_ns, other.name), reverse=True)
+
+    def _older(self) -> list[Path]:
+        return sorted(other for other in self.root.iterdir() if other.is_file() and _OLDER_FORMAT.fullmatch(other.name))
+
+    def _prune_other_runs(self) -> None:
+        """Once this run has written a checkpoint (it is sure to proceed): all but the ``keep_runs``
+        most recently written directories of other params, and files of the older format, go."""
+        for other in self._other_runs()[self.keep_runs:]:
+            shutil.rmtree(other, ignore_errors=True)
+        for older in self._older():
+            older.unlink(missing_ok=True)
 
     def _record(self) -> None:
         """TensorFlow's list of checkpoints (the ``checkpoint`` file, which the manager prunes by),
@@ -206,7 +228,12 @@ class Checkpoints:
                                                        checkpoint_name=_PREFIX)
         self._curve.assign(np.asarray(curve, dtype=np.float64).reshape(-1, CURVE_WIDTH))
         self._seconds.assign(seconds)
-        return Path(self._manager.save(checkpoint_number=trainer.current_step()))
+        try:
+            saved = Path(self._manager.save(checkpoint_number=trainer.current_step()))
+        except tf.errors.OpError as error:  # TensorFlow writes the files: a full disk is an OpError here
+            raise environment_error(str(error), self.directory) or error from None
+        self._prune_other_runs()
+        return saved
 
 
 def newest_checkpoint(root: Path) -> Path | None:

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tasks.lib.files import FileProblem, check_regular_file, open_regular_file
+
 IMAGE_MAGIC = 2051
 LABEL_MAGIC = 2049
 IMAGE_SIDE = 28
@@ -25,6 +27,7 @@ TRAIN_LABELS = "train-labels-idx1-ubyte"
 TEST_IMAGES = "t10k-images-idx3-ubyte"
 TEST_LABELS = "t10k-labels-idx1-ubyte"
 MAX_IDX_HEADER = 4 + 4 * 255  # magic number, then up to 255 dimensions
+MAX_DATA_FILE_BYTES = 256 << 20  # MNIST's largest file is 47 MB
 
 
 class DataError(ValueError):
@@ -39,9 +42,17 @@ class Split:
     labels: np.ndarray
 
 
+def _opened(path: Path, max_bytes: int = MAX_DATA_FILE_BYTES):
+    """``path`` opened as a regular data file (a FIFO or a device is a DataError, never read)."""
+    try:
+        return open_regular_file(Path(path), max_bytes)
+    except FileProblem as error:
+        raise DataError(str(error)) from None
+
+
 def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as stream:
+    with _opened(path) as stream:
         for block in iter(lambda: stream.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
@@ -84,13 +95,14 @@ def decode_idx(data: bytes, name: str = "IDX data") -> np.ndarray:
 
 def read_idx_header(path: Path) -> tuple[int, ...]:
     """The shape an IDX file declares, checked against the file's size, reading only the header."""
-    with open(path, "rb") as stream:
+    with _opened(path, max_bytes=1 << 62) as stream:  # the header is read, and judges the size
         return decode_idx_header(stream.read(MAX_IDX_HEADER), os.fstat(stream.fileno()).st_size, str(path))[0]
 
 
 def read_idx(path: Path) -> np.ndarray:
     read_idx_header(path)  # a header that lies about the size fails before the file is read
-    return decode_idx(Path(path).read_bytes(), str(path))
+    with _opened(path) as stream:  # the size checked against the header above: read that much
+        return decode_idx(stream.read(os.fstat(stream.fileno()).st_size), str(path))
 
 
 def verify_checksums(directory: Path, expected: Mapping[str, str]) -> None:
@@ -104,8 +116,12 @@ def verify_checksums(directory: Path, expected: Mapping[str, str]) -> None:
                f"`dvc repro --force download`")
     for name, digest in expected.items():
         path = directory / name
-        if not path.is_file():
+        if not path.exists():
             raise DataError(f"{path} is missing: {restore}")
+        try:
+            check_regular_file(path, MAX_DATA_FILE_BYTES)
+        except FileProblem as error:
+            raise DataError(f"{error}: {restore}") from None
         actual = sha256_of(path)
         if actual != digest:
             raise DataError(f"{path} was changed or damaged (SHA-256 {actual[:12]}..., data.sha256 in params.yaml "

@@ -31,9 +31,11 @@ from google.protobuf.message import Message
 from tensorflow.core.protobuf import fingerprint_pb2, saved_model_pb2
 from tensorflow.python.saved_model.pywrap_saved_model import fingerprinting  # TF's own fingerprint hashes
 
+from tasks.lib.files import FileProblem, check_tree, environment_error
 from tasks.lib.params import ModelParams
 
 INPUT_SIZE = 784
+MAX_MODEL_BYTES = 1 << 30  # the largest network params allow (10000 hidden units) exports ~65 MB
 NUM_CLASSES = 10
 
 
@@ -119,7 +121,10 @@ def export(model: ServingModel, directory: str) -> None:
     same weights saved by a process that had traced more before would differ in bytes, and DVC
     would see a changed model. The names are rewritten to their order of creation within this
     export and the fingerprint is derived from the rewritten files."""
-    tf.saved_model.save(model, directory, signatures=model.signatures())
+    try:
+        tf.saved_model.save(model, directory, signatures=model.signatures())
+    except tf.errors.OpError as error:  # TensorFlow's own writes: a full disk is an OpError there
+        raise environment_error(str(error), Path(directory)) or error from None
     _canonicalise_saved_model(Path(directory) / "saved_model.pb")
     _make_fingerprint_reproducible(Path(directory))
 
@@ -206,7 +211,13 @@ REQUIRED_SIGNATURES = ("serving_default", "serving_float", "raw_weights")
 
 def load_serving_model(directory: str) -> tf.Module:
     """Load an exported model and check its signatures. A SavedModel holds graphs and tensors
-    only, so loading it runs no Python from the file (unlike pickle or Keras lambda layers)."""
+    only, so loading it runs no Python from the file (unlike pickle or Keras lambda layers).
+    Every entry below ``directory`` must be a regular file or a directory, within a size cap,
+    before TensorFlow opens any (a FIFO there would block its reader for ever)."""
+    try:
+        check_tree(Path(directory), MAX_MODEL_BYTES)
+    except FileProblem as error:
+        raise ModelLoadError(f"cannot load the model in {directory}: {error}") from None
     try:
         loaded = tf.saved_model.load(str(directory))
     except (OSError, ValueError, tf.errors.OpError) as error:

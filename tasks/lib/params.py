@@ -12,6 +12,7 @@ check it before DVC reads it).
 from __future__ import annotations
 
 import difflib
+import os
 import re
 from dataclasses import dataclass
 from datetime import datetime
@@ -23,6 +24,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tasks.lib.files import FileProblem, read_regular_file
 
 DEFAULT_PARAMS_PATH = Path("params.yaml")
 IDX_FILE_NAMES = (
@@ -36,6 +39,11 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 MAX_PARAMS_BYTES = 1 << 20  # params.yaml is a few KiB; anything this large is not a params file
 MAX_NESTING = 20  # params.yaml nests 3 levels deep
 MAX_ERRORS_SHOWN = 10
+# The largest integer TensorFlow (int64 seeds and steps), NumPy (int64 step arithmetic) and TF
+# Serving (int64 version numbers) all accept.
+MAX_INT64 = 2**63 - 1
+MAX_CLASS_COUNT = 10_000_000  # MNIST has about 6000 per class; the memory estimate relies on a bound
+MAX_TIMEOUT_SECONDS = 7 * 24 * 3600.0
 
 
 class ParamsError(ValueError):
@@ -47,7 +55,9 @@ class Section(BaseModel):
     types are strict: ``true`` is not the number 1 and ``"30000"`` is not an integer (an
     integer is still a valid float)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+    # No NaN or infinity anywhere: a NaN passes no bound check in the stages' arithmetic, and an
+    # infinite time-out or threshold overflows the timers and formats that use it.
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True, allow_inf_nan=False)
 
 
 def _check_source(source: str) -> str:
@@ -73,7 +83,16 @@ def _check_sha256(value: str) -> str:
 
 Source = Annotated[str, AfterValidator(_check_source)]
 Sha256 = Annotated[str, AfterValidator(_check_sha256)]
-RelativePath = Annotated[str, Field(min_length=1, pattern=r"^[^/~][^:]*$")]
+def _check_inside(value: str) -> str:
+    if ".." in Path(value).parts:
+        raise ValueError("must stay inside the repository: '..' is not allowed")
+    if "\\" in value or "\0" in value:
+        raise ValueError("must be a plain relative path (no backslash or NUL)")
+    return value
+
+
+RelativePath = Annotated[str, Field(min_length=1, max_length=1024, pattern=r"^[^/~][^:]*$"),
+                         AfterValidator(_check_inside)]
 
 
 class PathsParams(Section):
@@ -113,8 +132,8 @@ class Paths:
 
 
 class ClassCounts(Section):
-    train: list[Annotated[int, Field(ge=0)]] = Field(min_length=10, max_length=10)
-    test: list[Annotated[int, Field(ge=0)]] = Field(min_length=10, max_length=10)
+    train: list[Annotated[int, Field(ge=0, le=MAX_CLASS_COUNT)]] = Field(min_length=10, max_length=10)
+    test: list[Annotated[int, Field(ge=0, le=MAX_CLASS_COUNT)]] = Field(min_length=10, max_length=10)
 
 
 class DataParams(Section):
@@ -124,7 +143,7 @@ class DataParams(Section):
     sha256: dict[Literal[IDX_FILE_NAMES], Sha256]  # type: ignore[valid-type]
     gzip_sha256: dict[Literal[IDX_FILE_NAMES], Sha256] = {}  # type: ignore[valid-type]
     class_counts: ClassCounts
-    validation_size: int = Field(ge=1)
+    validation_size: int = Field(ge=1, le=10 * MAX_CLASS_COUNT)
     timeout_seconds: float = Field(gt=0, le=600)
     retries: int = Field(ge=0, le=10)
     backoff_seconds: float = Field(ge=0, le=60)
@@ -150,17 +169,22 @@ class ModelParams(Section):
 class TrainParams(Section):
     """Stage `train`: the seed's SGD with staircase decay, L2 and a moving average."""
 
-    seed: int = Field(ge=0)
+    # tf.random.stateless_truncated_normal takes seed=[seed, layer] as int64.
+    seed: int = Field(ge=0, le=MAX_INT64)
     batch_size: int = Field(ge=1, le=100_000)
     steps: int = Field(ge=1, le=10_000_000)
     learning_rate: float = Field(gt=0, le=100)
     learning_rate_decay: float = Field(gt=0, le=1)  # 1 = no decay
-    decay_steps: int | None = Field(default=None, ge=1)  # None = examples / batch, as the seed
+    decay_steps: int | None = Field(default=None, ge=1, le=MAX_INT64)  # None = examples / batch, as the seed
     l2_rate: float = Field(ge=0, le=1)  # 0 = no regularisation
     moving_average_decay: float = Field(ge=0, lt=1)  # 0 = no moving average
-    eval_every: int = Field(ge=1)
-    checkpoint_every: int = Field(ge=1)
+    eval_every: int = Field(ge=1, le=MAX_INT64)
+    checkpoint_every: int = Field(ge=1, le=MAX_INT64)
     keep_checkpoints: int = Field(ge=1, le=100)
+    # Checkpoint directories of other params or data kept beside this run's (the least recently
+    # written go first, and only once this run has written its first checkpoint), so switching
+    # params back resumes.
+    keep_runs: int = Field(default=3, ge=0, le=100)
     steps_per_call: int = Field(ge=1, le=100_000)  # steps per call of the XLA-compiled loop (speed)
     # A step whose batch cross-entropy exceeds this stops training as diverged (NaN and inf
     # always do). Chance level is ln 10 = 2.3. With the seed's settings on MNIST the loss peaks
@@ -207,7 +231,8 @@ class ScheduleParams(Section):
     collision_strategy: Literal["ENQUEUE", "CANCEL_NEW"]
     download_retries: int = Field(ge=0, le=10)
     retry_delay_seconds: float = Field(ge=0, le=3600)
-    stage_timeout_seconds: dict[Literal["download", "train", "evaluate", "promote"], float]
+    stage_timeout_seconds: dict[Literal["download", "train", "evaluate", "promote"],
+                                Annotated[float, Field(gt=0, le=MAX_TIMEOUT_SECONDS)]]
     push: bool
     # The Prefect work pool (type `process`) that prefect.yaml deploys to and workers poll.
     work_pool: str = Field(default="mnist-pool", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
@@ -314,17 +339,27 @@ class _ParamsLoader(yaml.SafeLoader):
         finally:
             self._depth -= 1
 
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        """As yaml.safe_load's, but a key written twice is an error (DVC refuses such a file too,
+        where PyYAML would silently keep the last value)."""
+        seen: set[object] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, (str, int, float, bool)) or key is None:
+                if key in seen:
+                    raise ParamsError(f"line {key_node.start_mark.line + 1}: key {key!r} appears twice")
+                seen.add(key)
+        return super().construct_mapping(node, deep)
+
 
 def read_params_document(path: Path) -> Any:
-    """The parsed YAML of a params file: bounded in size and nesting, UTF-8, without aliases;
-    every problem is one short ParamsError line that names the file."""
+    """The parsed YAML of a params file: a regular file (never a FIFO or a device), bounded in size
+    and nesting, UTF-8, without aliases or duplicate keys; every problem is one short ParamsError
+    line that names the file."""
     try:
-        with open(path, "rb") as stream:
-            data = stream.read(MAX_PARAMS_BYTES + 1)
-    except OSError as error:
-        raise ParamsError(f"{path}: cannot read parameters ({error.strerror})") from None
-    if len(data) > MAX_PARAMS_BYTES:
-        raise ParamsError(f"{path}: larger than {MAX_PARAMS_BYTES >> 10} KiB; not a params file")
+        data = read_regular_file(path, MAX_PARAMS_BYTES)
+    except FileProblem as error:
+        raise ParamsError(f"{error}; not a params file") from None
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as error:
@@ -337,12 +372,93 @@ def read_params_document(path: Path) -> Any:
         raise ParamsError(f"{path}: not valid YAML: {_shorten(str(error), 300)}") from None
 
 
+# --- what the stages will need of this machine ------------------------------------------------
+
+PIXELS = 28 * 28
+# Python, TensorFlow, XLA's compiled loop and DVCLive before any data: 0.9 GiB measured with
+# hidden_units 32 on 600 synthetic images (tests), ~1.0 GiB of the 1.24 GiB peak of the
+# default run on real MNIST (docs/training.md); rounded up.
+BASELINE_BYTES = 1 << 30
+
+
+def training_memory_bytes(params: Params) -> dict[str, int]:
+    """The memory stage `train` needs, estimated from the params alone, by part (bytes):
+
+    * data: every training image as uint8 (read), float32 (the split) and float32 again (the
+      trainer's constant): 9 bytes a pixel;
+    * batch_indices: one loop call's indices, ``steps_per_call x batch_size`` int32, held three
+      times (the batch order's array, the padded copy, the tensor);
+    * weights: weights, averages, the loop's copies, gradients and the checkpoint's scratch
+      copies: 10 float32 copies of every parameter;
+    * activations: one step's batch and hidden layer (x4 for the gradient tape) and the
+      validation split's logits and hidden layer for raw and averaged weights;
+    * baseline: the interpreter and TensorFlow (``BASELINE_BYTES``)."""
+    examples = sum(params.data.class_counts.train)
+    hidden = params.model.hidden_units
+    weights = (PIXELS * hidden + hidden + hidden * 10 + 10) if hidden else PIXELS * 10 + 10
+    train = params.train
+    return {
+        "data": examples * PIXELS * 9,
+        "batch_indices": train.steps_per_call * train.batch_size * 4 * 3,
+        "weights": weights * 4 * 10,
+        "activations": (train.batch_size * (PIXELS + hidden) * 4 * 4
+                        + params.data.validation_size * (hidden + 10) * 4 * 2),
+        "baseline": BASELINE_BYTES,
+    }
+
+
+def machine_memory_bytes() -> int:
+    """Physical memory, or the cgroup's limit when that is lower (a container)."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for limit_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = read_regular_file(Path(limit_file), 64).decode().strip()
+        except (FileProblem, UnicodeDecodeError):
+            continue
+        if text.isdigit():
+            total = min(total, int(text))
+    return total
+
+
+def check_fits_machine(params: Params, path: Path, available: int | None = None) -> None:
+    """Refuse, with the estimate, params whose training run needs more memory than this machine has."""
+    parts = training_memory_bytes(params)
+    needed, available = sum(parts.values()), machine_memory_bytes() if available is None else available
+    if needed > available:
+        largest = max(parts, key=parts.__getitem__)
+        raise ParamsError(
+            f"{path}: stage train would need about {needed / 2**30:.1f} GiB of memory "
+            f"({largest}: {parts[largest] / 2**30:.1f} GiB; estimated from train.steps_per_call x train.batch_size, "
+            f"model.hidden_units and data.class_counts) but this machine has {available / 2**30:.1f} GiB")
+
+
+def check_paths_inside(params: Params, root: Path, path: Path) -> None:
+    """Every ``paths`` entry, links resolved, stays inside ``root`` (the directory of the params file)."""
+    base = root.resolve()
+    for name, value in params.paths.model_dump().items():
+        try:
+            resolved = (base / value).resolve()
+        except (RuntimeError, OSError) as error:  # a link loop
+            raise ParamsError(f"{path}: paths.{name} = {value!r} cannot be resolved ({error})") from None
+        if resolved != base and base not in resolved.parents:
+            raise ParamsError(f"{path}: paths.{name} = {value!r} leads outside the repository (to {resolved}) "
+                              "through a symbolic link")
+
+
 def load_params(path: Path = DEFAULT_PARAMS_PATH) -> Params:
     """Read and validate params.yaml once per process (per file: a relative path is taken from
-    the working directory at the time of the call)."""
-    return _load_params(Path(path).resolve(), Path(path))
+    the working directory at the time of the call). Beyond the file itself: every path stays
+    inside the file's directory, and a training run fits this machine's memory."""
+    try:
+        resolved = Path(path).resolve()
+    except (RuntimeError, OSError) as error:  # a link loop
+        raise ParamsError(f"{path}: cannot be read ({error})") from None
+    return _load_params(resolved, Path(path))
 
 
 @cache
 def _load_params(resolved: Path, shown: Path) -> Params:
-    return parse_params(read_params_document(shown), shown)
+    params = parse_params(read_params_document(shown), shown)
+    check_paths_inside(params, resolved.parent, shown)
+    check_fits_machine(params, shown)
+    return params

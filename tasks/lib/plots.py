@@ -17,6 +17,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from tasks.lib.atomic import write_bytes_atomic  # noqa: E402
+from tasks.lib.files import FileProblem, read_text_file  # noqa: E402
+
+MAX_CURVE_BYTES = 64 << 20  # a row per curve point, ~20 bytes: room for 3 million points
 
 
 def _save(figure: plt.Figure, path: Path) -> None:
@@ -29,9 +32,13 @@ def _save(figure: plt.Figure, path: Path) -> None:
 
 def _curve(curves_dir: Path, name: str) -> tuple[list[int], list[float]]:
     """Steps and values of one curve, from DVCLive's ``<name>.tsv`` (columns ``step``, ``<name>``)."""
-    with open(curves_dir / f"{name}.tsv", newline="") as stream:
-        rows = list(csv.DictReader(stream, delimiter="\t"))
-    return [int(row["step"]) for row in rows], [float(row[name]) for row in rows]
+    path = curves_dir / f"{name}.tsv"
+    text = read_text_file(path, MAX_CURVE_BYTES)  # a FIFO or an endless file is refused, not read
+    try:
+        rows = list(csv.DictReader(io.StringIO(text, newline=""), delimiter="\t"))
+        return [int(row["step"]) for row in rows], [float(row[name]) for row in rows]
+    except (KeyError, TypeError, ValueError) as error:
+        raise FileProblem(f"{path}: not a training curve of DVCLive ({type(error).__name__}: {error})") from None
 
 
 def learning_curves(curves_dir: Path, path: Path) -> None:

@@ -12,7 +12,8 @@ How each write keeps it:
 * **publish** copies the model into ``production/.publishing-v<N>-*/`` (fsynced), then appends
   the registry entry (the whole file is rewritten to a temporary file and renamed: that rename
   is the commit point), then renames the copy to ``production/<N>``. Killed before the commit
-  point, only a staging directory is left, and the next run removes it; killed after it, the
+  point, only a staging directory is left, and the next run removes it and records its number
+  as abandoned (a number once handed out is never handed out again); killed after it, the
   version is recorded and its staged copy complete, and the next run finishes the rename.
 * **prune** renames ``production/<N>`` to ``production/.pruning-<N>-*`` before deleting it, so
   no reader sees half a version.
@@ -40,12 +41,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from tasks.lib.atomic import write_bytes_atomic
+from tasks.lib.files import FileProblem, check_tree, directory_or_absent, environment_error, read_text_file
 from tasks.lib.registry.tags import registered_versions
 
 _STAGING = re.compile(r"^\.publishing-v(\d+)-")
 _SET_ASIDE = re.compile(r"^\.(?:publishing-v|quarantine-)(\d+)-")  # numbers never to reuse
 # What a complete SavedModel directory holds (TF writes the variables index last).
 _REQUIRED_FILES = ("saved_model.pb", "variables/variables.index")
+MAX_REGISTRY_BYTES = 64 << 20  # ~100000 records; a bigger file is not a registry this code wrote
+MAX_VERSION = 2**63 - 1
+MAX_MODEL_BYTES = 1 << 30  # the largest network params allow exports ~65 MB  # TF Serving numbers versions with int64
 
 
 class RegistryError(RuntimeError):
@@ -57,15 +62,23 @@ def now() -> str:
 
 
 def versions(production: Path) -> list[int]:
-    """Published versions, oldest first; staging, pruning and foreign entries are ignored."""
-    if not production.is_dir():
-        return []
+    """Published versions, oldest first; staging, pruning and foreign entries are ignored.
+    Something other than a directory where production belongs is a RegistryError."""
+    try:
+        if not directory_or_absent(production):
+            return []
+    except FileProblem as error:
+        raise RegistryError(str(error)) from None
     return sorted(int(entry.name) for entry in production.iterdir() if entry.is_dir() and entry.name.isdigit())
 
 
 def tree_sha256(model_dir: Path) -> str:
     """SHA-256 of a model directory's file names and bytes: equal exactly when the files are.
     The export is byte-reproducible (tasks/lib/model.py), so it names the model's lineage."""
+    try:
+        check_tree(Path(model_dir), MAX_MODEL_BYTES)  # no FIFO or endless file is read below
+    except FileProblem as error:
+        raise RegistryError(str(error)) from None
     digest = hashlib.sha256()
     for path in sorted(path for path in Path(model_dir).rglob("*") if path.is_file()):
         digest.update(f"{path.relative_to(model_dir).as_posix()}\0{path.stat().st_size}\0".encode())
@@ -82,9 +95,13 @@ def is_complete(model_dir: Path) -> bool:
 
 def read_registry(registry: Path) -> list[dict]:
     """The history so far; a damaged file is an error, never silently replaced."""
+    if not os.path.lexists(registry):
+        return []
     try:
-        history = json.loads(registry.read_text(encoding="utf-8")) if registry.exists() else []
-    except (ValueError, UnicodeDecodeError) as error:
+        history = json.loads(read_text_file(registry, MAX_REGISTRY_BYTES))
+    except FileProblem as error:  # a FIFO, a directory, a link to an endless file: never read
+        raise RegistryError(f"{error}; refusing to use or overwrite it") from None
+    except (ValueError, RecursionError) as error:
         raise RegistryError(f"{registry} is not valid JSON ({error}); refusing to overwrite it") from None
     if not isinstance(history, list) or not all(isinstance(entry, dict) for entry in history):
         raise RegistryError(f"{registry} is not a JSON list of records; refusing to overwrite it")
@@ -111,7 +128,9 @@ def rolled_back_models(history: list[dict]) -> dict[str, dict]:
 
 
 def recorded_versions(history: list[dict]) -> set[int]:
-    return {entry["version"] for entry in history if isinstance(entry.get("version"), int)}
+    """Versions the history published, and numbers it set aside (an abandoned publish's)."""
+    numbers = {entry.get(key) for entry in history for key in ("version", "abandoned_version")}
+    return {number for number in numbers if isinstance(number, int) and not isinstance(number, bool)}
 
 
 def next_version(production: Path, history: list[dict]) -> int:
@@ -120,7 +139,11 @@ def next_version(production: Path, history: list[dict]) -> int:
     holder = next(directory for directory in (production, *production.absolute().parents) if directory.is_dir())
     seen = set(versions(production)) | recorded_versions(history) | set(registered_versions(holder))
     seen |= {int(match.group(1)) for entry in _dot_entries(production) if (match := _SET_ASIDE.match(entry.name))}
-    return max(seen, default=0) + 1
+    highest = max(seen, default=0)
+    if highest >= MAX_VERSION:
+        raise RegistryError(f"version {highest} (recorded in the registry, {production} or a git tag) leaves no "
+                            f"next version within TF Serving's int64 limit {MAX_VERSION}")
+    return highest + 1
 
 
 def _dot_entries(production: Path) -> list[Path]:
@@ -147,6 +170,7 @@ def _fsync_tree(directory: Path) -> None:
 def locked(production: Path) -> Iterator[None]:
     """Hold an exclusive lock on the production directory (a lock on the directory itself, so
     nothing is left on disk); a second writer waits for the first."""
+    versions(production)  # something other than a directory there is a RegistryError
     production.mkdir(parents=True, exist_ok=True)
     descriptor = os.open(production, os.O_RDONLY)
     try:
@@ -168,8 +192,10 @@ def _finish_publication(staging: Path, production: Path, version: int) -> None:
     shutil.rmtree(staging, ignore_errors=True)
 
 
-def _reconcile_leftovers(production: Path, recorded: set[int]) -> list[str]:
-    """Finish the renames a killed publish owes; remove its other leftovers."""
+def _reconcile_leftovers(production: Path, registry: Path, recorded: set[int]) -> list[str]:
+    """Finish the renames a killed publish owes; remove its other leftovers. The number of a
+    publish killed before its commit point is recorded as abandoned first, so it is never
+    handed out again (a client may have seen the staging directory's name)."""
     notes = []
     for entry in _dot_entries(production):
         if entry.name.startswith(".pruning-"):
@@ -179,8 +205,14 @@ def _reconcile_leftovers(production: Path, recorded: set[int]) -> list[str]:
             if version in recorded and not (production / str(version)).exists() and is_complete(entry / "model"):
                 _finish_publication(entry, production, version)
                 notes.append(f"finished publishing version {version} (recorded, but its run was interrupted)")
-            else:
-                shutil.rmtree(entry, ignore_errors=True)
+                continue
+            if version not in recorded:
+                append_registry(registry, {"action": "abandoned", "time": now(), "abandoned_version": version,
+                                           "reason": "a publish was interrupted before its commit point; "
+                                                     "this number is not used again"})
+                recorded.add(version)
+                notes.append(f"version {version} was interrupted before it was recorded; its number is retired")
+            shutil.rmtree(entry, ignore_errors=True)
     return notes
 
 
@@ -207,7 +239,7 @@ def reconcile(production: Path, registry: Path) -> list[str]:
 
     The caller holds :func:`locked`."""
     remove_stale_temporaries(registry)
-    notes = _reconcile_leftovers(production, recorded_versions(read_registry(registry)))
+    notes = _reconcile_leftovers(production, registry, recorded_versions(read_registry(registry)))
     notes += _reconcile_unrecorded(production, registry, recorded_versions(read_registry(registry)))
     return notes
 
@@ -218,7 +250,19 @@ def prune(production: Path, keep_versions: int) -> None:
         doomed = production / f".pruning-{old}"
         shutil.rmtree(doomed, ignore_errors=True)
         (production / str(old)).rename(doomed)
-        shutil.rmtree(doomed)
+        # After the commit point nothing may fail the stage: what cannot be deleted now (a
+        # read-only file below it) is swept by the next run's reconcile.
+        shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _copy_model(source: Path, target: Path) -> None:
+    """copytree, whose failures (a list of them, in one shutil.Error) become one OSError naming the file."""
+    try:
+        shutil.copytree(source, target)
+    except shutil.Error as error:
+        origin, destination, why = error.args[0][0]
+        raise environment_error(str(why), Path(destination)) or RegistryError(
+            f"cannot copy {origin} to {destination}: {why}") from None
 
 
 def publish(model_dir: Path, production: Path, registry: Path, entry: dict, keep_versions: int) -> int:
@@ -228,7 +272,7 @@ def publish(model_dir: Path, production: Path, registry: Path, entry: dict, keep
     version = next_version(production, read_registry(registry))
     staging = Path(tempfile.mkdtemp(dir=production, prefix=f".publishing-v{version}-"))
     try:
-        shutil.copytree(model_dir, staging / "model")
+        _copy_model(model_dir, staging / "model")
         _fsync_tree(staging / "model")
         append_registry(registry, {**entry, "version": version})  # the commit point
     except BaseException:
