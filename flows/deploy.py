@@ -44,6 +44,7 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from flows.pipeline import pipeline
 from flows.server import start_server
 from tasks.lib import processes
+from tasks.lib.files import read_text_file
 from tasks.lib.params import ScheduleParams, load_params
 
 ENTRYPOINT = "flows/pipeline.py:pipeline"
@@ -82,7 +83,7 @@ def _git_url() -> str:
 def _check_prefect_file(prefect_file: Path, schedule: ScheduleParams) -> None:
     """prefect.yaml names its work pool and deployment literally (Prefect reads them before any
     build step runs), so they are checked against params.yaml here instead of read from it."""
-    document = yaml.safe_load(prefect_file.read_text())
+    document = yaml.safe_load(read_text_file(prefect_file))
     for deployment in document.get("deployments") or []:
         if deployment.get("entrypoint") != ENTRYPOINT:
             continue

@@ -37,6 +37,7 @@ from prefect.states import Completed, State
 from prefect.tasks import exponential_backoff
 
 from tasks.lib import repository as team
+from tasks.lib.files import read_text_file
 from tasks.lib.params import Params, Paths, load_params
 from tasks.lib.processes import CommandTimedOut
 from tasks.lib.registry.tags import ARTIFACT, register_promotion
@@ -133,7 +134,7 @@ def pictures_markdown(plots: Path) -> str:
 
 
 def promotion_markdown(promotion_file: Path) -> str:
-    decision = json.loads(promotion_file.read_text())
+    decision = json.loads(read_text_file(promotion_file))
     verdict = f"promoted as version **{decision['version']}**" if decision["promoted"] else "**rejected**"
     champion = decision.get("champion_version")
     lines = [f"# Promotion: {verdict}", "", decision["reason"], "",
@@ -229,8 +230,8 @@ def publish_run(repo: Path, start: team.RunStart, outcomes: list[StageOutcome], 
     log.info("dvc push: %s", team.push_data(repo, params.schedule.stage_timeout_seconds["download"]))
     promote_ran = any(outcome.stage == "promote" and not outcome.skipped for outcome in outcomes)
     paths = Paths.under(repo, params.paths)
-    decision = json.loads(paths.promotion.read_text()) if promote_ran else None
-    metrics = json.loads(paths.metrics.read_text())
+    decision = json.loads(read_text_file(paths.promotion)) if promote_ran else None
+    metrics = json.loads(read_text_file(paths.metrics))
     message = commit_message(start, outcomes, metrics, decision)
     version = decision["version"] if decision and decision.get("promoted") else None
     publication = team.publish_results(repo, start, message,

@@ -42,10 +42,12 @@ from tasks.lib import repository
 from tasks.lib.atomic import write_bytes_atomic
 from tasks.lib.comparison import Outcome, Row, accuracy_figure, markdown_table
 from tasks.lib.divergence import read_record
+from tasks.lib.files import FileProblem, read_regular_file
 from tasks.lib.grid import DEFAULT_GRID, Cell, GridError, cells, read_grid, sweep
 
 DEFAULT_OUTPUT = Path("reports/experiments")
 TABLE_FILE, FIGURE_FILE = "table.md", "accuracy.png"
+LOG_MAX_BYTES = 64 << 20  # a run's log is a few KB; cap what is read of a damaged one
 
 
 def dvc(*arguments: str, capture: bool = False) -> str:
@@ -115,9 +117,9 @@ def diverged_at(experiment: Experiment) -> int | None:
     """The step at which the divergence guard stopped this failed run, if it did."""
     if experiment.state != "failed" or not experiment.log:
         return None
-    try:
-        record = read_record(Path(experiment.log).read_text(errors="replace"))  # the train stage's stop record
-    except OSError:
+    try:  # the train stage's stop record, in the log DVC keeps of a failed queued run
+        record = read_record(read_regular_file(Path(experiment.log), LOG_MAX_BYTES).decode(errors="replace"))
+    except (OSError, FileProblem):
         return None
     return record.step if record else None
 
