@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
 import re
@@ -40,6 +39,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from tasks.lib.atomic import write_bytes_atomic
+from tasks.lib.digests import tree_sha256  # noqa: F401 - the model digest every registry record carries
 from tasks.lib.registry.tags import registered_versions
 
 _STAGING = re.compile(r"^\.publishing-v(\d+)-")
@@ -61,18 +61,6 @@ def versions(production: Path) -> list[int]:
     if not production.is_dir():
         return []
     return sorted(int(entry.name) for entry in production.iterdir() if entry.is_dir() and entry.name.isdigit())
-
-
-def tree_sha256(model_dir: Path) -> str:
-    """SHA-256 of a model directory's file names and bytes: equal exactly when the files are.
-    The export is byte-reproducible (tasks/lib/model.py), so it names the model's lineage."""
-    digest = hashlib.sha256()
-    for path in sorted(path for path in Path(model_dir).rglob("*") if path.is_file()):
-        digest.update(f"{path.relative_to(model_dir).as_posix()}\0{path.stat().st_size}\0".encode())
-        with open(path, "rb") as stream:
-            for block in iter(lambda: stream.read(1 << 20), b""):  # noqa: B023 - consumed in this iteration
-                digest.update(block)
-    return digest.hexdigest()
 
 
 def is_complete(model_dir: Path) -> bool:
