@@ -95,7 +95,7 @@ class Ledger:
     def __init__(self) -> None:
         self.totals: dict[str, float] = defaultdict(float)
         self.stack = ["rest"]
-        self.last = time.perf_counter()
+        self.started = self.last = time.perf_counter()
         self.main = threading.get_ident()
 
     def _charge(self) -> None:
@@ -173,13 +173,12 @@ def probe(module_name: str, report: Path, arguments: list[str]) -> int:
 
     ledger = Ledger()
     install_probe(ledger)
-    started = ledger.last
     code = 1
     try:
         code = importlib.import_module(module_name).main(arguments)
     finally:
         ledger._charge()
-        phases = dict(ledger.totals) | {"in process": time.perf_counter() - started}
+        phases = dict(ledger.totals) | {"in process": time.perf_counter() - ledger.started}
         report.write_text(json.dumps({"code": code, "phases": phases}))
     return code
 

@@ -267,7 +267,8 @@ def test_recorded_scores_are_reused_only_for_the_same_bytes(models: dict, tmp_pa
     champion = tmp_path / "production" / str(versions(tmp_path / "production")[-1])
     variables = champion / "variables" / "variables.data-00000-of-00001"
     variables.write_bytes(variables.read_bytes())  # the same bytes: still reused
-    assert _promote(models, tmp_path, "good", min_improvement=0.0).champion_accuracy == 0.75
+    kept = _promote(models, tmp_path, "good")  # 0.75 does not beat 0.75: the champion stays
+    assert not kept.promoted and kept.champion_accuracy == 0.75 and kept.champion_version == 2
     shutil.rmtree(champion)  # another model under the champion's version: measured again
     shutil.copytree(models["bad"], champion)
     judged = _promote(models, tmp_path, "good", min_improvement=0.0)
@@ -293,7 +294,7 @@ def test_a_score_measured_in_other_batches_or_by_other_code_is_not_reused(models
 def test_promote_loads_no_tensorflow_when_both_scores_are_recorded(models: dict, tmp_path: Path) -> None:
     """The point of the records: a re-run of promote after evaluate is seconds, not TensorFlow's import."""
     _promote(models, tmp_path, "good")
-    _record_evaluation(models, tmp_path, "good", 0.99)
+    _record_evaluation(models, tmp_path, "good", 1.0)  # >= any champion: promoted, without TensorFlow
     script = (
         "import sys\n"
         "from dataclasses import replace\n"
