@@ -345,7 +345,7 @@ def main() -> None:
     args = _arguments()
     scratch = Path(tempfile.mkdtemp(prefix="fixed-costs-", dir=args.scratch))
     base = {key: value for key, value in child_environment().items() if not key.startswith("PREFECT_API")}
-    base |= {"DO_NOT_TRACK": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+    base |= {"DO_NOT_TRACK": "1"}
     print(machine(), flush=True)
     print(f"load average at the start: {' '.join(f'{value:.2f}' for value in os.getloadavg())}", flush=True)
     raw_data = args.raw_data.resolve()
