@@ -30,7 +30,7 @@ It prints, per command, the median of each phase per variant and the median of t
 only measured here, never asserted; the machine line and the load average say where it ran.
 
     python bench/fixed_costs.py [--baseline REV ...] [--rounds 3] [--steps 1100] [--raw-data data/raw]
-        [--params FILE] [--no-flow] [--no-stages] [--scratch DIR]
+        [--params FILE] [--no-flow] [--no-stages] [--stage NAME ...] [--scratch DIR]
 
 ``--steps 30000`` is the full run (each variant's set-up then trains it once); ``--raw-data`` of
 synthetic IDX files with ``--params`` (their checksums and class counts) is the short run the tests use.
@@ -310,13 +310,13 @@ def _flow_rounds(variants: dict[str, Path], rounds: int, base: dict[str, str], s
     return samples
 
 
-def _stage_rounds(variants: dict[str, Path], rounds: int, base: dict[str, str]) -> dict:
+def _stage_rounds(variants: dict[str, Path], rounds: int, base: dict[str, str], stages: list[str]) -> dict:
     import shutil
 
     samples: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
     for round_index in range(rounds):
         for name in rotated(list(variants), round_index):
-            for stage in STAGES:
+            for stage in stages:
                 if stage == "train":  # from step 0, not resumed from the set-up's checkpoints
                     shutil.rmtree(variants[name] / "checkpoints", ignore_errors=True)
                 samples[stage][name].append(measure(f"tasks.{stage}", variants[name], base))
@@ -333,6 +333,7 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--params", type=Path, help="params.yaml to use for every variant (default: each one's own)")
     parser.add_argument("--no-flow", action="store_true", help="leave out the flow runs")
     parser.add_argument("--no-stages", action="store_true", help="leave out the stage runs")
+    parser.add_argument("--stage", action="append", choices=STAGES, help="time only these stages (repeatable)")
     parser.add_argument("--scratch", type=Path, help="where the variants' repositories go (default: a temp dir)")
     return parser.parse_args()
 
@@ -353,7 +354,7 @@ def main() -> None:
     variants = {name: prepare(name.strip("@"), revision, scratch, raw_data, args.steps, args.params, base)
                 for name, revision in revisions.items()}
     samples = {} if args.no_flow else _flow_rounds(variants, args.rounds, base, scratch)
-    samples |= {} if args.no_stages else _stage_rounds(variants, args.rounds, base)
+    samples |= {} if args.no_stages else _stage_rounds(variants, args.rounds, base, args.stage or list(STAGES))
     for command, runs in samples.items():
         report(command, runs, "now")
     print(f"\nload average at the end: {' '.join(f'{value:.2f}' for value in os.getloadavg())}")
