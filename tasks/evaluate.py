@@ -7,6 +7,8 @@ raw weights for comparison, on the 10000 test images and on the validation split
 * ``reports/metrics.json``: ``test.accuracy`` (EMA), ``test.accuracy_raw``, ``test.loss``,
   ``test.errors``, ``validation.accuracy``, ``validation.accuracy_raw``, ``train.steps``,
   ``train.steps_per_second``, ``train.seconds`` (``dvc metrics show/diff`` read it);
+* ``reports/scores.json``: the candidate's test accuracy with what it depends on (the model's
+  digest, the test data, the scoring code: ``tasks/lib/scores.py``), which promote reuses;
 * ``reports/plots/confusion.csv`` (one row per test image, DVC's ``confusion`` template) and
   PNGs: ``learning_curves.png``, ``confusion_matrix.png``, ``misclassified.png``.
 
@@ -23,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks.lib import mnist, plots
+from tasks.lib import mnist, plots, scores
 from tasks.lib.atomic import write_bytes_atomic
 from tasks.lib.files import FileProblem, read_text_file
 from tasks.lib.params import EvaluateParams, Params, Paths
@@ -115,6 +117,8 @@ def evaluate_candidate(evaluate: EvaluateParams, paths: Paths, *, validation_siz
     write_plots(paths.plots, test_split, test.predicted, paths.train_reports / "plots" / "metrics",
                 evaluate.misclassified_shown)
     write_bytes_atomic(paths.metrics, (json.dumps(metrics, indent=2) + "\n").encode())
+    key = scores.score_key(paths.candidate, scores.test_sha256(data_sha256), evaluate.batch_size)
+    scores.write_record(paths.scores, key, test.accuracy)
     print(f"evaluate: test accuracy {test.accuracy:.4f} (EMA) {test.accuracy_raw:.4f} (raw), "
           f"{metrics['test']['errors']} errors, loss {test.loss:.4f}; validation {validation.accuracy:.4f}", flush=True)
     return metrics

@@ -4,8 +4,13 @@ Like a TFX blessing, the candidate must pass
 
 * the value threshold: test accuracy (EMA weights) >= ``promote.min_accuracy``, and
 * the change threshold: accuracy >= champion accuracy + ``promote.min_improvement``, where the
-  champion (the highest version in ``models/production/``) is re-evaluated here, on the same
-  test data, in the same run. With no champion only the value threshold applies.
+  champion (the highest version in ``models/production/``) is scored on the same test data, in the
+  same run. With no champion only the value threshold applies.
+
+A score is measured (TensorFlow) unless one was recorded for the same model bytes, test data and
+scoring code (``tasks/lib/scores.py``): evaluate's record of the candidate, ``reports/scores.json``,
+and the registry's record of the champion's promotion, whose files are hashed now to compare.
+The record says which scores were reused (``scored``).
 
 A champion that cannot be loaded cannot serve either: the candidate is then judged on the
 value threshold alone, and the reason says so, so a broken production model can be replaced.
@@ -27,14 +32,13 @@ that of a version rolled back from (and not restored since) is rejected, and the
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from tasks.lib import mnist
+from tasks.lib import mnist, scores
 from tasks.lib.atomic import PreparedWrite
 from tasks.lib.params import Params, Paths, PromoteParams
 from tasks.lib.registry.production import (
@@ -48,7 +52,6 @@ from tasks.lib.registry.production import (
     reconcile,
     remove_stale_temporaries,
     rolled_back_models,
-    tree_sha256,
     versions,
 )
 from tasks.lib.repository import git_revision
@@ -69,22 +72,34 @@ class Decision:
     version: int | None  # the version published, when promoted
 
 
-def test_accuracy(model_dir: Path, test: mnist.Split) -> float:
-    from tasks.lib.model import load_serving_model, predict_logits
+@dataclass(frozen=True)
+class Records:
+    """Where recorded scores come from: evaluate's record and the registry's history."""
 
-    logits = predict_logits(load_serving_model(str(model_dir)), test.images)
-    return float((logits.argmax(axis=1) == test.labels).mean())
+    evaluated: list[dict]
+    history: list[dict]
+    test_sha256: Mapping[str, str]
 
 
-def _champion(production: Path, test: mnist.Split) -> tuple[int | None, float | None, str]:
-    from tasks.lib.model import ModelLoadError
+def test_accuracy(model_dir: Path, test: mnist.Split, records: list[dict], test_sha256: Mapping[str, str],
+                  accuracy_field: str, how: dict[str, str], role: str) -> float:
+    """The recorded score of these bytes, data and scoring code, or else one measured now."""
+    found = scores.recorded(records, scores.score_key(model_dir, test_sha256), accuracy_field)
+    how[role] = "measured" if found is None else "reused (model bytes, test data and scoring code unchanged)"
+    return scores.measure(model_dir, test) if found is None else found
 
+
+def _champion(production: Path, test: mnist.Split, records: Records,
+              how: dict[str, str]) -> tuple[int | None, float | None, str]:
     published = versions(production)
     if not published:
         return None, None, "no champion yet"
+    promoted = [entry for entry in records.history if entry.get("version") == published[-1]
+                and entry.get("action") == "promote"]
     try:
-        return published[-1], test_accuracy(production / str(published[-1]), test), ""
-    except ModelLoadError as error:
+        return published[-1], test_accuracy(production / str(published[-1]), test, promoted, records.test_sha256,
+                                            "candidate_accuracy", how, "champion"), ""
+    except scores.UnloadableModel as error:
         return published[-1], None, f"champion v{published[-1]} cannot be loaded ({error}); value threshold only"
 
 
@@ -102,9 +117,7 @@ def decide(promote: PromoteParams, candidate: float, champion_version: int | Non
                  f"{promote.min_improvement}"
 
 
-def data_fingerprint(test_sha256: Mapping[str, str]) -> str:
-    """Of the test files the candidate was judged on, from their verified checksums."""
-    return hashlib.sha256("".join(test_sha256[name] for name in sorted(test_sha256)).encode()).hexdigest()[:16]
+data_fingerprint = scores.data_fingerprint  # of the test files the candidate was judged on
 
 
 def _reconcile(production: Path, registry: Path, promotion: Path | None = None) -> None:
@@ -115,14 +128,14 @@ def _reconcile(production: Path, registry: Path, promotion: Path | None = None) 
         print(f"promote: {note}", flush=True)
 
 
-def _judge(promote: PromoteParams, candidate_dir: Path, production: Path, test: mnist.Split) -> Decision:
-    from tasks.lib.model import ModelLoadError
-
-    champion_version, champion, note = _champion(production, test)
+def _judge(promote: PromoteParams, candidate_dir: Path, production: Path, test: mnist.Split,
+           records: Records, how: dict[str, str]) -> Decision:
+    champion_version, champion, note = _champion(production, test, records, how)
     try:
-        candidate = test_accuracy(candidate_dir, test)
+        candidate = test_accuracy(candidate_dir, test, records.evaluated, records.test_sha256, "test_accuracy",
+                                  how, "candidate")
         promoted, reason = decide(promote, candidate, champion_version, champion, note)
-    except ModelLoadError as error:
+    except scores.UnloadableModel as error:
         candidate, promoted, reason = None, False, f"candidate cannot be loaded: {error}"
     return Decision(promoted, reason, candidate, champion_version, champion, None)
 
@@ -167,17 +180,18 @@ def promote_candidate(promote: PromoteParams, paths: Paths, *, data_sha256: Mapp
 
     The test files are checked against ``data_sha256`` (params.yaml ``data.sha256``) first. The
     registry records the decision before a blessed version becomes visible."""
-    test_sha256 = {name: data_sha256[name] for name in (mnist.TEST_IMAGES, mnist.TEST_LABELS)}
+    test_sha256 = scores.test_sha256(data_sha256)
     mnist.verify_checksums(paths.raw_data, test_sha256)
     with locked(paths.production):
         _reconcile(paths.production, paths.registry, paths.promotion)
         test = mnist.load_split(paths.raw_data, "test", validation_size=0)
-        model_sha256 = tree_sha256(paths.candidate)
-        decision = _not_again(_judge(promote, paths.candidate, paths.production, test), model_sha256,
-                              read_registry(paths.registry))
+        records = Records(scores.read_records(paths.scores), read_registry(paths.registry), test_sha256)
+        how: dict[str, str] = {}
+        key = scores.score_key(paths.candidate, test_sha256)
+        decision = _not_again(_judge(promote, paths.candidate, paths.production, test, records, how),
+                              key["model_sha256"], records.history)
         entry = {"action": "promote", "time": now(), "git_revision": git_revision(Path.cwd()),
-                 "model_sha256": model_sha256, "data_fingerprint": data_fingerprint(test_sha256),
-                 **asdict(decision)}
+                 **key, **asdict(decision), "scored": how}
         _record(promote, paths, entry)
     verdict = f"promoted as version {entry['version']}" if decision.promoted else "rejected"
     print(f"promote: {verdict}: {decision.reason}", flush=True)

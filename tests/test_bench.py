@@ -147,3 +147,47 @@ def test_a_baseline_revision_trains_what_ours_trains(params: Params, tmp_path: P
 def test_a_baseline_revision_git_does_not_know_fails_at_once(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="--baseline: git ls-tree"):
         train_speed.trainer_at("no-such-revision", tmp_path)
+
+
+@pytest.mark.slow
+def test_fixed_costs_benchmark_splits_each_stage_into_phases_that_add_up(synthetic_source: Path,
+                                                                         tmp_path: Path) -> None:
+    """Each stage timed gets a block whose phases (start and exit, imports, the named phases, the
+    rest) add up to its wall time, and a machine-readable line; promote, after evaluate scored the
+    candidate in the set-up's `dvc repro`, imports no TensorFlow. (Two stages without TensorFlow,
+    to keep the test short; the set-up runs all four.)"""
+    params_file = tmp_path / "params.yaml"
+    # evaluate scores in promote's batches (tasks/lib/scores.py SCORING_BATCH), so promote may reuse its score
+    params_file.write_text(yaml.safe_dump(make_params_document(synthetic_source, evaluate={"batch_size": 2000})))
+    command = [sys.executable, str(REPO_ROOT / "bench" / "fixed_costs.py"), "--rounds", "1", "--steps", "40",
+               "--no-flow", "--stage", "download", "--stage", "promote", "--raw-data", str(synthetic_source),
+               "--params", str(params_file),
+               "--scratch", str(tmp_path)]
+    result = processes.run(command, timeout=900, environment=tool_environment())
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    blocks = result.stdout.split("\n\n")
+    for stage in ("download", "promote"):
+        block = next(block for block in blocks if block.startswith(f"{stage} (median of 1 rounds"))
+        rows = {line[:32].strip(): float(line.split()[-1]) for line in block.splitlines()[2:]}
+        assert {"wall", "start and exit"} <= set(rows) and any(name.startswith("import ") for name in rows)
+        assert rows["wall"] >= sum(value for name, value in rows.items() if name != "wall") - 0.05  # shown >= 0.05
+        assert re.search(rf"^{stage}_seconds=\d+\.\d\d$", result.stdout, re.MULTILINE)
+    assert "import tensorflow" not in next(block for block in blocks if block.startswith("promote"))
+
+
+def test_the_fixed_costs_ledger_charges_each_interval_once() -> None:
+    from bench.fixed_costs import Ledger, _import_phase
+
+    ledger = Ledger()
+    ledger.enter("work")
+    ledger.enter(_import_phase(ledger.stack[-1], "tensorflow.python"))
+    ledger.enter(_import_phase(ledger.stack[-1], "numpy"))  # inside TensorFlow's import: charged to it
+    assert ledger.stack == ["rest", "work", "import tensorflow", "import tensorflow"]
+    ledger.leave()
+    ledger.leave()
+    ledger.leave()
+    assert _import_phase("import (project)", "numpy") == "import numpy" and _import_phase("rest", "tasks.lib") == \
+        "import (project)"
+    total = sum(ledger.totals.values())
+    assert set(ledger.totals) == {"rest", "work", "import tensorflow"} and total == pytest.approx(
+        ledger.last - ledger.started, abs=1e-9)

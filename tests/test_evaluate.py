@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,16 +14,32 @@ import pytest
 from tasks.evaluate import cross_entropy, evaluate_candidate
 from tasks.lib import mnist
 from tasks.lib.model import ModelLoadError
-from tasks.lib.params import Params, Paths
+from tasks.lib.params import Params, Paths, parse_params
 from tasks.train import train_model
+
+from .conftest import make_params_document, write_synthetic
+
+
+@pytest.fixture(scope="module")
+def trained_once(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """One training run for the module (the synthetic data, and so the model, are the same in every
+    test); its root and the data's checksums."""
+    source = tmp_path_factory.mktemp("source")
+    write_synthetic(source)
+    params = parse_params(make_params_document(source))
+    root = tmp_path_factory.mktemp("trained") / "run"
+    train_model(params.model, params.train, _paths(params, root), validation_size=params.data.validation_size,
+                data_sha256=params.data.sha256)
+    return root, params.data.sha256
 
 
 @pytest.fixture
-def trained(params: Params, tmp_path: Path) -> Path:
-    root = tmp_path / "run"
-    train_model(params.model, params.train, _paths(params, root), validation_size=params.data.validation_size,
-                data_sha256=params.data.sha256)
-    return root
+def trained(params: Params, trained_once: tuple[Path, dict], tmp_path: Path) -> Path:
+    """A copy of that run for one test, which may damage it."""
+    root, data_sha256 = trained_once
+    assert params.data.sha256 == data_sha256  # the same synthetic data, so the same model
+    shutil.copytree(root, tmp_path / "run")
+    return tmp_path / "run"
 
 
 def _paths(params: Params, root: Path) -> Paths:

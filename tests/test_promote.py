@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.lib import mnist
+from tasks.lib import mnist, scores
 from tasks.lib import model as network
 from tasks.lib.params import Paths, PromoteParams, parse_params
 from tasks.lib.registry.production import RegistryError, locked, publish, reconcile, tree_sha256, versions
@@ -266,3 +266,74 @@ def test_tampered_test_data_is_refused_before_anything_changes(models: dict, tmp
         promote_candidate(PromoteParams(min_accuracy=0.5, min_improvement=0.0, keep_versions=3),
                           _paths(tmp_path, models["good"], data), data_sha256=models["params"].data.sha256)
     assert not (tmp_path / "registry.json").exists() and versions(tmp_path / "production") == []
+
+
+def _record_evaluation(models: dict, tmp_path: Path, candidate: str, accuracy: float) -> None:
+    """What evaluate records of the candidate it scored (reports/scores.json), with ``accuracy``."""
+    key = scores.score_key(models[candidate], scores.test_sha256(models["params"].data.sha256))
+    scores.write_record(_paths(tmp_path).scores, key, accuracy)
+
+
+def test_recorded_scores_are_reused_only_for_the_same_bytes(models: dict, tmp_path: Path) -> None:
+    """A recorded score stands in for a measurement only while the model's files, the test data and
+    the scoring code are those it was measured with; the record says which scores were reused."""
+    first = _promote(models, tmp_path, "good")
+    assert _registry(tmp_path)[0]["scored"] == {"candidate": "measured"}
+    _record_evaluation(models, tmp_path, "good", 0.75)  # a recorded figure unlike the measured one
+    history = _registry(tmp_path)
+    history[0]["candidate_accuracy"] = 0.7  # the champion's record, likewise
+    (tmp_path / "registry.json").write_text(json.dumps(history))
+    reused = _promote(models, tmp_path, "good")
+    assert (reused.candidate_accuracy, reused.champion_accuracy) == (0.75, 0.7) and reused.promoted
+    assert set(_registry(tmp_path)[-1]["scored"].values()) == {
+        "reused (model bytes, test data and scoring code unchanged)"}
+    champion = tmp_path / "production" / str(versions(tmp_path / "production")[-1])
+    variables = champion / "variables" / "variables.data-00000-of-00001"
+    variables.write_bytes(variables.read_bytes())  # the same bytes: still reused
+    kept = _promote(models, tmp_path, "good")  # 0.75 does not beat 0.75: the champion stays
+    assert not kept.promoted and kept.champion_accuracy == 0.75 and kept.champion_version == 2
+    shutil.rmtree(champion)  # another model under the champion's version: measured again
+    shutil.copytree(models["bad"], champion)
+    judged = _promote(models, tmp_path, "good", min_improvement=0.0)
+    assert judged.champion_accuracy is not None and judged.champion_accuracy < 0.3
+    assert judged.candidate_accuracy == 0.75 and _registry(tmp_path)[-1]["scored"]["champion"] == "measured"
+    other_data = {**models["params"].data.sha256, mnist.TEST_LABELS: "0" * 64}  # other test data: not reused
+    assert scores.recorded(scores.read_records(_paths(tmp_path).scores),
+                           scores.score_key(models["good"], scores.test_sha256(other_data)), "test_accuracy") is None
+    assert first.candidate_accuracy == pytest.approx(scores.measure(models["good"], mnist.load_split(
+        models["data"], "test", 0)))
+
+
+def test_a_score_measured_in_other_batches_or_by_other_code_is_not_reused(models: dict, tmp_path: Path) -> None:
+    test_files = scores.test_sha256(models["params"].data.sha256)
+    key = scores.score_key(models["good"], test_files)
+    assert scores.score_key(models["good"], test_files, batch_size=100)["scoring_sha256"] != key["scoring_sha256"]
+    assert scores.recorded([{**key, "scoring_sha256": "other code", "test_accuracy": 0.5}], key,
+                           "test_accuracy") is None
+    assert scores.recorded([{**key, "test_accuracy": 0.5}], key, "test_accuracy") == 0.5
+
+
+@pytest.mark.slow
+def test_promote_loads_no_tensorflow_when_both_scores_are_recorded(models: dict, tmp_path: Path) -> None:
+    """The point of the records: a re-run of promote after evaluate is seconds, not TensorFlow's import."""
+    _promote(models, tmp_path, "good")
+    _record_evaluation(models, tmp_path, "good", 1.0)  # >= any champion: promoted, without TensorFlow
+    script = (
+        "import sys\n"
+        "from dataclasses import replace\n"
+        "from pathlib import Path\n"
+        "from tasks.lib.params import Paths, PromoteParams\n"
+        "from tasks.promote import promote_candidate\n"
+        f"root = Path({str(tmp_path)!r})\n"
+        f"paths = replace(Paths.under(root), candidate=Path({str(models['good'])!r}), "
+        f"raw_data=Path({str(models['data'])!r}), production=root / 'production', registry=root / 'registry.json', "
+        "promotion=root / 'promotion.json')\n"
+        "decision = promote_candidate(PromoteParams(min_accuracy=0.5, min_improvement=0.0, keep_versions=3), paths, "
+        f"data_sha256={dict(models['params'].data.sha256)!r})\n"
+        "print(decision.promoted, 'tensorflow' in sys.modules)\n"
+    )
+    environment = tool_environment() | {"PYTHONPATH": str(REPO_ROOT)}
+    result = subprocess.run([sys.executable, "-c", script], env=environment, capture_output=True, text=True,
+                            cwd=REPO_ROOT)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[-2:] == ["True", "False"]

@@ -31,11 +31,11 @@ from google.protobuf.message import Message
 from tensorflow.core.protobuf import fingerprint_pb2, saved_model_pb2
 from tensorflow.python.saved_model.pywrap_saved_model import fingerprinting  # TF's own fingerprint hashes
 
+from tasks.lib.digests import MAX_MODEL_BYTES
 from tasks.lib.files import FileProblem, check_tree, environment_error
 from tasks.lib.params import ModelParams
 
 INPUT_SIZE = 784
-MAX_MODEL_BYTES = 1 << 30  # the largest network params allow (10000 hidden units) exports ~65 MB
 NUM_CLASSES = 10
 
 

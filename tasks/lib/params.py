@@ -103,6 +103,7 @@ class PathsParams(Section):
     checkpoints: RelativePath = "checkpoints"
     train_reports: RelativePath = "reports/train"
     metrics: RelativePath = "reports/metrics.json"
+    scores: RelativePath = "reports/scores.json"
     plots: RelativePath = "reports/plots"
     production: RelativePath = "models/production"
     registry: RelativePath = "models/registry.json"
@@ -119,6 +120,7 @@ class Paths:
     checkpoints: Path
     train_reports: Path
     metrics: Path
+    scores: Path
     plots: Path
     production: Path
     registry: Path

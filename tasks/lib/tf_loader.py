@@ -14,11 +14,21 @@ TensorFlow writes before its logging is set up. So, unless the caller chose a le
   (``I0000``/``W0000``), absl's note about them, and the cuInit error when no GPU was found.
 
 ``TF_CPP_MIN_LOG_LEVEL=0 dvc repro`` shows everything again.
+
+It also loads faster, and the process exits faster (bench/fixed_costs.py; docs/benchmarks.md):
+
+* Keras is not loaded: ``import tensorflow`` imports Keras's optimizers eagerly (so that Keras
+  optimizers saved in a SavedModel load), about a quarter of the import's CPU time, and the
+  project has no Keras in its models. A later ``import keras`` (bench/train_speed.py) works as usual.
+* The cyclic garbage collector is paused during the import, and the objects the import made
+  (hundreds of thousands, alive until exit) are then frozen out of its sight (``gc.freeze``): the
+  collector no longer walks them at every full collection, nor at exit, where that took 1.5-2 s.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import re
 import sys
@@ -62,13 +72,37 @@ def _stderr_filtered() -> Iterator[None]:
                 print("\n".join(kept), file=sys.stderr, flush=True)
 
 
+# What TensorFlow's __init__ imports of Keras "eagerly" (keras 3, or tf_keras with TF_USE_LEGACY_KERAS).
+_KERAS_EAGER_IMPORTS = ("keras.src.optimizers", "tf_keras.src.optimizers")
+
+
+@contextlib.contextmanager
+def _lean_import() -> Iterator[None]:
+    """Keras's eager import skipped (TensorFlow catches the ImportError a ``None`` entry in
+    ``sys.modules`` raises), the garbage collector paused; afterwards what was imported is frozen."""
+    blocked = [name for name in _KERAS_EAGER_IMPORTS if name not in sys.modules]
+    collecting = gc.isenabled()
+    gc.disable()
+    sys.modules.update(dict.fromkeys(blocked))
+    try:
+        yield
+    finally:
+        for name in blocked:
+            if sys.modules.get(name, 0) is None:
+                del sys.modules[name]
+        gc.freeze()
+        if collecting:
+            gc.enable()
+
+
 def _load():  # noqa: ANN202 - the tensorflow module
     if _USER_LEVEL is not None:  # the user asked for a level: theirs, and every line TensorFlow prints
-        import tensorflow
+        with _lean_import():
+            import tensorflow
 
         return tensorflow
     os.environ["TF_CPP_MIN_LOG_LEVEL"] = os.environ[_MARKER] = "2"
-    with _stderr_filtered():
+    with _stderr_filtered(), _lean_import():
         import tensorflow
 
         tensorflow.config.list_logical_devices()  # the device set-up, where the cuInit line comes from

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
 import re
@@ -41,7 +40,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from tasks.lib.atomic import write_bytes_atomic
-from tasks.lib.files import FileProblem, check_tree, directory_or_absent, environment_error, read_text_file
+from tasks.lib.digests import tree_sha256 as files_sha256
+from tasks.lib.files import FileProblem, directory_or_absent, environment_error, read_text_file
 from tasks.lib.registry.tags import registered_versions
 
 _STAGING = re.compile(r"^\.publishing-v(\d+)-")
@@ -49,8 +49,7 @@ _SET_ASIDE = re.compile(r"^\.(?:publishing-v|quarantine-)(\d+)-")  # numbers nev
 # What a complete SavedModel directory holds (TF writes the variables index last).
 _REQUIRED_FILES = ("saved_model.pb", "variables/variables.index")
 MAX_REGISTRY_BYTES = 64 << 20  # ~100000 records; a bigger file is not a registry this code wrote
-MAX_VERSION = 2**63 - 1
-MAX_MODEL_BYTES = 1 << 30  # the largest network params allow exports ~65 MB  # TF Serving numbers versions with int64
+MAX_VERSION = 2**63 - 1  # TF Serving numbers versions with int64
 
 
 class RegistryError(RuntimeError):
@@ -76,16 +75,9 @@ def tree_sha256(model_dir: Path) -> str:
     """SHA-256 of a model directory's file names and bytes: equal exactly when the files are.
     The export is byte-reproducible (tasks/lib/model.py), so it names the model's lineage."""
     try:
-        check_tree(Path(model_dir), MAX_MODEL_BYTES)  # no FIFO or endless file is read below
+        return files_sha256(Path(model_dir))  # checks the tree first: no FIFO or endless file is read
     except FileProblem as error:
         raise RegistryError(str(error)) from None
-    digest = hashlib.sha256()
-    for path in sorted(path for path in Path(model_dir).rglob("*") if path.is_file()):
-        digest.update(f"{path.relative_to(model_dir).as_posix()}\0{path.stat().st_size}\0".encode())
-        with open(path, "rb") as stream:
-            for block in iter(lambda: stream.read(1 << 20), b""):  # noqa: B023 - consumed in this iteration
-                digest.update(block)
-    return digest.hexdigest()
 
 
 def is_complete(model_dir: Path) -> bool:
