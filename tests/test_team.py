@@ -59,8 +59,12 @@ class Team:
     worker: subprocess.Popen | None = None
 
     def environment(self) -> dict[str, str]:
+        # TMPDIR: this team's workers keep their runs' directories apart from those of the other test
+        # modules running at the same time (`pytest -n`), whose runs would otherwise sweep them.
+        scratch = self.root / "tmp"
+        scratch.mkdir(exist_ok=True)
         return tool_environment() | self.server.client_environment() | {
-            "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_WORKER_PREFETCH_SECONDS": "0"}
+            "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_WORKER_PREFETCH_SECONDS": "0", "TMPDIR": str(scratch)}
 
     def prefect(self, *arguments: str, cwd: Path | None = None, extra: dict | None = None) -> str:
         result = subprocess.run([sys.executable, "-m", "prefect", "--no-prompt", *arguments], cwd=cwd or self.root,
