@@ -201,6 +201,23 @@ def _restore(trainer, checkpoints: Checkpoints, train: TrainParams) -> Progress:
     return Progress(tuple(found.curve), found.seconds)
 
 
+def _train(trainer, order: BatchOrder, train: TrainParams, validation: mnist.Split, decay_steps: int,
+           checkpoints: Checkpoints, live: Live, before: Progress) -> TrainSummary:
+    """Run the loop to ``train.steps``; its summary. A divergence is recorded as data, then raised."""
+    first_step = trainer.current_step()
+    try:
+        run = run_training(trainer, order, train, validation, decay_steps, checkpoints, live, before)
+    except TrainingDiverged as diverged:  # why it stopped, as data: tasks/lib/divergence.py
+        live.summary["stopped"] = asdict(diverged.divergence)
+        live.make_summary()
+        print(diverged.divergence.record_line(), flush=True)
+        raise
+    raw, averaged = trainer.accuracy(validation.images, validation.labels)
+    return TrainSummary(steps=train.steps, resumed_from_step=first_step, seconds=round(run.seconds, 3),
+                        steps_per_second=round(train.steps / run.seconds, 1) if run.seconds > 0 else 0.0,
+                        final_loss=run.curve[-1][1], validation_accuracy_raw=raw, validation_accuracy=averaged)
+
+
 def train_model(model: ModelParams, train: TrainParams, paths: Paths, *, validation_size: int,
                 data_sha256: Mapping[str, str]) -> TrainSummary:
     """Train (or resume) the seed's network on ``paths.raw_data`` and export the EMA model to
@@ -222,26 +239,17 @@ def train_model(model: ModelParams, train: TrainParams, paths: Paths, *, validat
     fingerprint = run_fingerprint(model, train, validation_size, data_fingerprint(data_sha256))
     checkpoints = Checkpoints(paths.checkpoints, fingerprint, train.keep_checkpoints, train.keep_runs)
     before = _restore(trainer, checkpoints, train)
-    first_step = trainer.current_step()
     order = BatchOrder(training_size, train.batch_size, train.seed)
-    with open_live(paths.train_reports, before.curve) as live:
-        try:
-            run = run_training(trainer, order, train, validation, decay_steps, checkpoints, live, before)
-        except TrainingDiverged as diverged:  # why it stopped, as data: tasks/lib/divergence.py
-            live.summary["stopped"] = asdict(diverged.divergence)
-            live.make_summary()
-            print(diverged.divergence.record_line(), flush=True)
-            raise
-        raw, averaged = trainer.accuracy(validation.images, validation.labels)
-        summary = TrainSummary(steps=train.steps, resumed_from_step=first_step, seconds=round(run.seconds, 3),
-                               steps_per_second=round(train.steps / run.seconds, 1) if run.seconds > 0 else 0.0,
-                               final_loss=run.curve[-1][1], validation_accuracy_raw=raw, validation_accuracy=averaged)
-        with staged_directory(paths.candidate) as staging:
-            trainer.export(str(staging))
+    # The candidate is replaced last, when the outer block ends: DVCLive has written every report
+    # by then, so no failure (a full disk, say) can leave a new model beside old reports.
+    with staged_directory(paths.candidate) as staging, open_live(paths.train_reports, before.curve) as live:
+        summary = _train(trainer, order, train, validation, decay_steps, checkpoints, live, before)
+        trainer.export(str(staging))
         # Beside the last curve point DVCLive keeps there: what evaluate copies into reports/metrics.json.
         live.summary.update({key: getattr(summary, key) for key in SUMMARY_KEYS})
     print(f"train: {summary.steps} steps, {summary.steps_per_second} steps/s; validation accuracy "
-          f"{averaged:.4f} (EMA) {raw:.4f} (raw); model in {paths.candidate}/", flush=True)
+          f"{summary.validation_accuracy:.4f} (EMA) {summary.validation_accuracy_raw:.4f} (raw); "
+          f"model in {paths.candidate}/", flush=True)
     return summary
 
 
