@@ -37,7 +37,7 @@ from prefect.states import Completed, State
 from prefect.tasks import exponential_backoff
 
 from tasks.lib import repository as team
-from tasks.lib.files import read_text_file
+from tasks.lib.files import read_regular_file, read_text_file
 from tasks.lib.params import Params, Paths, load_params
 from tasks.lib.processes import CommandTimedOut
 from tasks.lib.registry.tags import ARTIFACT, register_promotion
@@ -128,6 +128,9 @@ PICTURES = (("Learning curves", "learning_curves.png"), ("Confusion matrix", "co
             ("Misclassified test digits", "misclassified.png"))
 
 
+PICTURE_MAX_BYTES = 8 << 20  # evaluate's PNGs are ~100 KB each; a bigger file is not one of them
+
+
 def pictures_markdown(plots: Path) -> str:
     """The run's PNGs inline, as data: URIs: the Prefect UI (3.9.1) renders a markdown image as a
     plain <img>, so the pictures show on the run's Artifacts tab with no file server."""
@@ -135,7 +138,7 @@ def pictures_markdown(plots: Path) -> str:
     for title, name in PICTURES:
         picture = plots / name
         if picture.is_file():
-            encoded = base64.b64encode(picture.read_bytes()).decode("ascii")
+            encoded = base64.b64encode(read_regular_file(picture, PICTURE_MAX_BYTES)).decode("ascii")
             lines += [f"## {title}", "", f"![{title}](data:image/png;base64,{encoded})", ""]
         else:
             lines += [f"## {title}", "", f"(no `{picture.name}`: evaluate did not write it)", ""]

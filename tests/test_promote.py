@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -337,3 +338,14 @@ def test_promote_loads_no_tensorflow_when_both_scores_are_recorded(models: dict,
                             cwd=REPO_ROOT)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split()[-2:] == ["True", "False"]
+
+
+def test_a_score_record_that_is_not_a_small_file_is_passed_over_not_read(tmp_path: Path) -> None:
+    """A FIFO would block a plain read for ever; an endless file would grow without bound."""
+    fifo, directory, huge = tmp_path / "fifo.json", tmp_path / "directory.json", tmp_path / "huge.json"
+    os.mkfifo(fifo)
+    directory.mkdir()
+    huge.write_bytes(b" " * (scores.RECORD_MAX_BYTES + 1))
+    started = time.monotonic()
+    assert [scores.read_records(path) for path in (fifo, directory, huge)] == [[], [], []]
+    assert time.monotonic() - started < 10

@@ -28,10 +28,12 @@ from pathlib import Path
 from tasks.lib import mnist
 from tasks.lib.atomic import write_bytes_atomic
 from tasks.lib.digests import tree_sha256
+from tasks.lib.files import read_text_file
 
 SCORING_BATCH = 2000  # promote's batch size; a score measured in other batches is not reused by it
 _SCORING_CODE = ("scores.py", "model.py", "mnist.py")  # beside this file
 KEY_FIELDS = ("model_sha256", "data_fingerprint", "scoring_sha256")
+RECORD_MAX_BYTES = 1 << 20  # the record is a few hundred bytes
 
 
 class UnloadableModel(RuntimeError):
@@ -91,9 +93,10 @@ def write_record(path: Path, key: Mapping[str, str], accuracy: float) -> None:
 
 
 def read_records(path: Path) -> list[dict]:
-    """Evaluate's record as a list; none when missing or unreadable (the score is then measured)."""
+    """Evaluate's record as a list; none when missing, unreadable or not a small regular file (a
+    FIFO there must not hang promote): the score is then measured."""
     try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        record = json.loads(read_text_file(path, RECORD_MAX_BYTES))
+    except (OSError, ValueError):  # FileProblem is a ValueError
         return []
     return [record] if isinstance(record, dict) else []
