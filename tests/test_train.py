@@ -471,11 +471,18 @@ def test_dvc_exp_show_sees_the_metrics_of_a_running_experiment(tmp_path: Path, s
     for line in running.stdout:  # wait for the second curve point: metrics.json is being rewritten
         if line.startswith("train: step    1000/40000"):
             break
-    experiments = _running_experiments(project)
+    # DVCLive rewrites metrics.json in place, so a read can land on a half-written file; DVC then
+    # reports {"error": ...} for it. Ask again (a few times, the run is long) until a whole file is read.
+    for _ in range(5):
+        experiments = _running_experiments(project)
+        metrics = experiments[0]["data"].get("metrics") or {} if len(experiments) == 1 else {}
+        shown = metrics.get("reports/train/metrics.json", {})
+        if "data" in shown:
+            break
     rest = running.stdout.read()
     assert running.wait() == 0, rest
     assert len(experiments) == 1
-    live = experiments[0]["data"]["metrics"]["reports/train/metrics.json"]["data"]
+    live = shown["data"]
     assert 1000 <= live["step"] < 40000 and set(CURVE_COLUMNS[1:]) <= set(live)
     assert "steps_per_second" not in live  # the summary comes at the end: this is a run in progress
     final = json.loads((project / "reports" / "train" / "metrics.json").read_text())
