@@ -50,13 +50,18 @@ serve: $(STAMP)
 	$(PYTHON) -m flows.deploy --start-server --port 4200 --home .prefect
 
 # The seed's comparison table: each optimisation dropped in turn, every variant over SEEDS seeds
-# (train.seed 0..SEEDS-1), as queued DVC experiments; STEPS overrides train.steps for a quick look.
+# (train.seed 0..SEEDS-1), as queued DVC experiments; STEPS overrides train.steps for a quick look,
+# VARIANTS="a b" runs only those. POOL=mnist-pool runs the cells on the team's Prefect workers
+# (flows/grid.py; PREFECT_API_URL names the team's server) instead of this machine's DVC queue.
 # Calling it again resumes the grid. Table and picture: reports/experiments/{table.md,accuracy.png}.
 SEEDS ?= 2
 STEPS ?=
+VARIANTS ?=
+POOL ?=
 experiments: $(STAMP)
 	$(PYTHON) -m tasks.commands.check_params params.yaml
-	$(PYTHON) -m tasks.commands.experiments --seeds $(SEEDS) $(if $(STEPS),--steps $(STEPS))
+	$(PYTHON) -m tasks.commands.experiments --seeds $(SEEDS) $(if $(STEPS),--steps $(STEPS)) \
+		$(if $(VARIANTS),--only $(VARIANTS)) $(if $(POOL),--pool $(POOL))
 
 bench: $(STAMP)
 	$(PYTHON) bench/train_speed.py

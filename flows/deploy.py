@@ -41,6 +41,7 @@ from prefect.deployments.runner import RunnerDeployment
 from prefect.schedules import Cron
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
+from flows.grid import CELL_FLOW
 from flows.pipeline import pipeline
 from flows.server import start_server
 from tasks.lib import processes
@@ -53,7 +54,7 @@ GIT_URL_VARIABLE, GIT_BRANCH_VARIABLE = "MNIST_PIPELINE_GIT_URL", "MNIST_PIPELIN
 # sets PREFECT_FLOWS_HEARTBEAT_FREQUENCY in the run's environment); a run whose heartbeats stop for
 # CRASH_AFTER_SECONDS is marked Crashed by the automation below, which releases its concurrency slot.
 HEARTBEAT_SECONDS, CRASH_AFTER_SECONDS = 30, 45
-CRASH_AUTOMATION = "mnist-pipeline: a run without heartbeats has crashed"
+CRASH_AUTOMATION = "mnist-pipeline: a run without heartbeats has crashed"  # the pipeline's runs and the grid's
 FLOW_NAME = "mnist-pipeline"
 _FINAL_EVENTS = ("Completed", "Failed", "Cancelled", "Crashed")
 
@@ -85,11 +86,11 @@ def _check_prefect_file(prefect_file: Path, schedule: ScheduleParams) -> None:
     build step runs), so they are checked against params.yaml here instead of read from it."""
     document = yaml.safe_load(read_text_file(prefect_file))
     for deployment in document.get("deployments") or []:
-        if deployment.get("entrypoint") != ENTRYPOINT:
-            continue
         pool = (deployment.get("work_pool") or {}).get("name")
-        for key, found, expected in (("name", deployment.get("name"), schedule.deployment_name),
-                                     ("work_pool.name", pool, schedule.work_pool)):
+        checks = [("work_pool.name", pool, schedule.work_pool)]  # every deployment: the grid's cells too
+        if deployment.get("entrypoint") == ENTRYPOINT:
+            checks.append(("name", deployment.get("name"), schedule.deployment_name))
+        for key, found, expected in checks:
             if found != expected:
                 setting = "deployment_name" if key == "name" else "work_pool"
                 raise ValueError(f"{prefect_file}: deployment {key} is {found!r} but params.yaml schedule.{setting} "
@@ -108,14 +109,14 @@ def crash_detection() -> object:
 
     trigger = EventTrigger(
         match={"prefect.resource.id": "prefect.flow-run.*"},
-        match_related={"prefect.resource.role": "flow", "prefect.resource.name": FLOW_NAME},
+        match_related={"prefect.resource.role": "flow", "prefect.resource.name": [FLOW_NAME, CELL_FLOW]},
         after={"prefect.flow-run.heartbeat"},
         expect={"prefect.flow-run.heartbeat", *(f"prefect.flow-run.{state}" for state in _FINAL_EVENTS)},
         for_each={"prefect.resource.id"}, posture=Posture.Proactive, threshold=1,
         within=timedelta(seconds=CRASH_AFTER_SECONDS))
     action = ChangeFlowRunState(state=StateType.CRASHED, message=(
         f"no heartbeat for {CRASH_AFTER_SECONDS} s: the flow-run process died (its worker was killed?)"))
-    description = "Marks an mnist-pipeline flow run Crashed when its heartbeats stop (a killed worker)"
+    description = f"Marks a {FLOW_NAME} or {CELL_FLOW} flow run Crashed when its heartbeats stop (a killed worker)"
     return Automation(name=CRASH_AUTOMATION, description=description,
                       trigger=trigger, actions=[action])
 

@@ -186,7 +186,7 @@ def _push_if_configured(repo: Path, params: Params, log: object) -> None:
 WORKER_DIRECTORIES = "tmp*prefect"  # Prefect's process worker: tempfile.TemporaryDirectory(suffix="prefect")
 
 
-def _sweep_dead_runs(repo: Path) -> None:
+def sweep_dead_runs(repo: Path) -> None:
     """A worker's run works in a clone inside a temporary directory of its own; mark this run's as
     in use, and remove the ones whose run died with its worker (a SIGKILL leaves them)."""
     workspace = repo.parent
@@ -201,7 +201,7 @@ def _sweep_dead_runs(repo: Path) -> None:
 def sync_with_branch(repo: Path) -> team.RunStart:
     """Team mode: the newest commit of the branch and every registry tag, before anything runs."""
     start = team.start_from_branch(repo)
-    _sweep_dead_runs(repo)
+    sweep_dead_runs(repo)
     get_run_logger().info("team: starting from %s at %s (flow code from %s)", start.branch, start.commit,
                           Path(__file__).resolve().parent)
     return start

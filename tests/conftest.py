@@ -210,7 +210,7 @@ def prefect_api(server: Any, query: Any) -> Any:
 # Modules whose tests build on one module fixture, in file order (a team's remote, a Prefect
 # server): under `pytest -n` each runs whole on one worker.
 SHARED_STATE_MODULES = {"tests/test_team.py", "tests/test_flows.py", "tests/test_team_faults.py",
-                        "tests/test_team_crash.py"}
+                        "tests/test_team_crash.py", "tests/test_grid_pool.py", "tests/test_grid_pool_postgresql.py"}
 
 
 @pytest.hookimpl(optionalhook=True)

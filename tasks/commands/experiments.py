@@ -9,7 +9,10 @@ table (`tasks.lib.comparison`) from `dvc exp show` to stdout, `<output>/table.md
 
     python -m tasks.commands.experiments --seeds 5 [--steps N] [--grid FILE | --set KEY=V1,V2 ...]
                                          [--only VARIANT ...] [--report-only [--rev COMMIT]]
-    make experiments SEEDS=5 [STEPS=N]
+                                         [--pool WORK_POOL [--attempts 3] [--publish]]
+    make experiments SEEDS=5 [STEPS=N] [POOL=mnist-pool]
+
+With ``--pool`` the same grid runs on the team's Prefect workers instead (``flows/grid.py``).
 
 The grid is data (``tasks/lib/grid.py``): ``grids/seed-comparison.yaml`` by default, another file
 with ``--grid``, or a sweep with ``--set train.learning_rate=0.2,0.4,0.8`` (several ``--set``: their
@@ -72,6 +75,8 @@ class Experiment:
     timestamp: str | None = None
     log: str | None = None  # the run's output file (queue runs)
     pid: int | None = None  # the running experiment's process
+    diverged_step: int | None = None  # a pool cell stopped by the divergence guard (flows/grid.py)
+    failure: str | None = None  # where to look for why a failed run failed, when not its queue log
 
 
 _PRIORITY = {"success": 0, "running": 1, "queued": 2, "failed": 3}
@@ -115,8 +120,10 @@ def read_experiments(revision: str = "HEAD") -> dict[str, Experiment]:
 
 def diverged_at(experiment: Experiment) -> int | None:
     """The step at which the divergence guard stopped this failed run, if it did."""
-    if experiment.state != "failed" or not experiment.log:
+    if experiment.state != "failed":
         return None
+    if experiment.diverged_step is not None or not experiment.log:
+        return experiment.diverged_step
     try:  # the train stage's stop record, in the log DVC keeps of a failed queued run
         record = read_record(read_regular_file(Path(experiment.log), LOG_MAX_BYTES).decode(errors="replace"))
     except (OSError, FileProblem):
@@ -206,7 +213,7 @@ def outcome(point: Cell, experiment: Experiment | None) -> Outcome:
     if experiment.state == "failed":
         step = diverged_at(experiment)
         return Outcome(point.seed, diverged_at=step,
-                       failure=None if step is not None else f"`dvc queue logs {point.name}`")
+                       failure=None if step is not None else experiment.failure or f"`dvc queue logs {point.name}`")
     test, train = experiment.metrics.get("test", {}), experiment.metrics.get("train", {})
     return Outcome(point.seed, accuracy=test.get("accuracy"), accuracy_raw=test.get("accuracy_raw"),
                    steps_per_second=train.get("steps_per_second"), seconds=train.get("seconds"))
@@ -286,16 +293,26 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="where table.md and accuracy.png go")
     parser.add_argument("--report-only", action="store_true", help="write the table from what has run; run nothing")
     parser.add_argument("--rev", default="HEAD", help="with --report-only: the commit the experiments were run from")
+    parser.add_argument("--pool", default=None, metavar="WORK_POOL",
+                        help="run the cells on the team's Prefect workers of this pool (flows/grid.py), not here")
+    parser.add_argument("--attempts", type=int, default=3, help="with --pool: runs of a cell before it is given up")
+    parser.add_argument("--publish", action="store_true",
+                        help="with --pool: commit table.md and accuracy.png on the branch and push them")
     args = parser.parse_args(argv)
     if args.rev != "HEAD" and not args.report_only:
         parser.error("--rev needs --report-only: experiments are queued from the current commit")
-    if args.seeds < 1 or (args.steps is not None and args.steps < 1) or args.jobs < 1:
-        parser.error("--seeds, --steps and --jobs must be positive")
+    if args.seeds < 1 or (args.steps is not None and args.steps < 1) or args.jobs < 1 or args.attempts < 1:
+        parser.error("--seeds, --steps, --jobs and --attempts must be positive")
+    if args.publish and not args.pool:
+        parser.error("--publish needs --pool: a local grid never commits or pushes")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_arguments(argv)
+    if args.pool:  # the pool executor is Prefect code, which lives in flows/ (tasks/ never imports Prefect)
+        arguments = sys.argv[1:] if argv is None else argv
+        os.execv(sys.executable, [sys.executable, "-m", "flows.grid", *arguments])
     started = time.perf_counter()
     try:  # the whole grid is checked before anything runs
         variants = sweep(args.sets) if args.sets else read_grid(args.grid)

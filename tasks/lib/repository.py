@@ -211,10 +211,12 @@ def start_from_branch(repo: Path) -> RunStart:
     return RunStart(branch, tip)
 
 
-def missing_outputs(repo: Path) -> list[str]:
-    """Outputs recorded in dvc.lock and kept in DVC's cache that are absent from the workspace."""
+def missing_outputs(repo: Path, stages: tuple[str, ...] | None = None) -> list[str]:
+    """Outputs recorded in dvc.lock and kept in DVC's cache that are absent from the workspace
+    (of ``stages`` only, when given)."""
     with open_dvc_repo(repo) as dvc_repo:
-        return [out.def_path for out in dvc_repo.index.outs if out.use_cache and out.hash_info and not out.exists]
+        return [out.def_path for out in dvc_repo.index.outs if out.use_cache and out.hash_info and not out.exists
+                and (stages is None or getattr(out.stage, "name", None) in stages)]
 
 
 @dataclass(frozen=True)
@@ -234,7 +236,8 @@ class PullOutcome:
         return f"{pulled} (DVC remote '{self.remote}'){absent}"
 
 
-def pull_outputs(repo: Path, required: bool, timeout: float = 3600) -> PullOutcome:
+def pull_outputs(repo: Path, required: bool, timeout: float = 3600,
+                 stages: tuple[str, ...] | None = None) -> PullOutcome:
     """`dvc pull` what the default remote has of the outputs missing here.
 
     An empty or absent remote is normal (nothing pushed yet): the stages compute what is missing.
@@ -247,7 +250,7 @@ def pull_outputs(repo: Path, required: bool, timeout: float = 3600) -> PullOutco
             raise TeamError("a published run needs a default DVC remote that every clone knows: "
                             "`dvc remote add -d <name> <url>`, then commit .dvc/config")
         return PullOutcome(None)
-    missing = missing_outputs(repo)
+    missing = missing_outputs(repo, stages)
     if not missing:
         return PullOutcome(remote)
     result = dvc(repo, "pull", "--allow-missing", *missing, timeout=timeout)
@@ -256,7 +259,7 @@ def pull_outputs(repo: Path, required: bool, timeout: float = 3600) -> PullOutco
         if required:
             raise TeamError(f"dvc pull from remote '{remote}' failed: {failure}")
         return PullOutcome(remote, failure=failure)
-    absent = missing_outputs(repo)
+    absent = missing_outputs(repo, stages)
     return PullOutcome(remote, [path for path in missing if path not in absent], absent)
 
 
@@ -281,9 +284,9 @@ def result_paths(repo: Path) -> list[str]:
                   or any(name.startswith(path + "/") for name in tracked))
 
 
-def commit_results(repo: Path, message: str) -> str | None:
-    """One commit of the run's results; None when git sees no change."""
-    git(repo, "add", "--all", "--", *result_paths(repo))
+def commit_results(repo: Path, message: str, paths: list[str] | None = None) -> str | None:
+    """One commit of the run's results (or of ``paths``); None when git sees no change."""
+    git(repo, "add", "--all", "--", *(paths if paths is not None else result_paths(repo)))
     if not git(repo, "diff", "--cached", "--name-only"):
         return None
     git(repo, "commit", "--quiet", "--no-verify", "-m", message)
@@ -341,11 +344,12 @@ def _join(repo: Path, commit: str, tip: str) -> tuple[str, str | None, str | Non
 
 
 def publish_results(repo: Path, start: RunStart, message: str,
-                    tag_commit: Callable[[str], list[str]] = lambda commit: []) -> Publication:
-    """Commit the results, tag the run's commit (``tag_commit(commit)``: make the local tags,
-    return their names; the registry's, for a promoted version), push the branch and the tags in
-    one atomic push. The tags always name the run's own commit, where `dvc status` is clean."""
-    commit = commit_results(repo, message)
+                    tag_commit: Callable[[str], list[str]] = lambda commit: [],
+                    paths: list[str] | None = None) -> Publication:
+    """Commit the results (or ``paths``), tag the run's commit (``tag_commit(commit)``: make the
+    local tags, return their names; the registry's, for a promoted version), push the branch and
+    the tags in one atomic push. The tags always name the run's own commit, where `dvc status` is clean."""
+    commit = commit_results(repo, message, paths)
     if commit is None:
         return Publication(None, start.branch)
     rebased_onto = merged_with = None
@@ -371,3 +375,37 @@ def _push(repo: Path, branch: str, tags: list[str]) -> bool:
     if re.search(rf"refs/heads/{re.escape(branch)}\t\[rejected\] \((fetch first|non-fast-forward)\)", result.stdout):
         return False
     raise TeamError(f"git push to {REMOTE} failed; nothing was pushed:\n{(result.stdout + result.stderr).strip()}")
+
+
+# ---- a grid's cells on the team's remotes (flows/grid.py) ----------------------------------------
+
+def pushed_commit(repo: Path) -> RunStart:
+    """The branch and commit a grid runs from: a clean checkout whose HEAD is on the team's
+    remote (the workers clone from there), fetched and checked here."""
+    branch = current_branch(repo)
+    if changed := git(repo, "status", "--porcelain", "--untracked-files=no"):
+        raise TeamError(f"{repo}: the workers run the grid from a commit; commit (and push) these changes first:\n"
+                        f"{changed}")
+    commit, tip = git(repo, "rev-parse", "HEAD"), fetch_branch(repo, branch)
+    if not git_succeeds(repo, "merge-base", "--is-ancestor", commit, tip):
+        raise TeamError(f"{repo}: commit {commit[:12]} is not on {REMOTE}/{branch}, which the workers clone; "
+                        f"`git push {REMOTE} {branch}` first")
+    return RunStart(branch, commit)
+
+
+def checkout_commit(repo: Path, commit: str) -> None:
+    """A worker's clone (the branch's newest, shallow) detached at the grid's ``commit``."""
+    unshallow = ["--unshallow"] if git(repo, "rev-parse", "--is-shallow-repository") == "true" else []
+    git(repo, "fetch", "--quiet", *unshallow, REMOTE)
+    if not git_succeeds(repo, "cat-file", "-e", f"{commit}^{{commit}}"):
+        raise TeamError(f"commit {commit} is not on the branch the worker cloned from {REMOTE}; push it first")
+    git(repo, "checkout", "--quiet", "--detach", commit)
+
+
+def remote_experiments(repo: Path, baseline: str) -> set[str]:
+    """The names of the DVC experiments of commit ``baseline`` on the git remote."""
+    result = dvc(repo, "exp", "list", REMOTE, "--rev", baseline, "--name-only", timeout=600)
+    if result.returncode != 0:
+        detail = (result.stderr.strip().splitlines() or ["no message"])[-1]
+        raise TeamError(f"`dvc exp list {REMOTE}` failed: {detail}")
+    return {line.strip() for line in result.stdout.splitlines() if line.strip()}
