@@ -41,7 +41,7 @@ from prefect.deployments.runner import RunnerDeployment
 from prefect.schedules import Cron
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from flows.grid import CELL_FLOW
+from flows.grid_cell import CELL_FLOW
 from flows.pipeline import pipeline
 from flows.server import start_server
 from tasks.lib import processes

@@ -11,7 +11,7 @@ another grid file or ``--set`` sweeps, × seeds), run elsewhere:
 * The parent flow run (``grid``, in this process, on the server ``PREFECT_API_URL`` names) runs
   from this checkout's commit, which must be on the team's git remote. It sends one run of the
   ``grid-cell`` deployment (prefect.yaml, the same work pool as the nightly retrain) per cell.
-* A child (``grid_cell``, on a worker) checks its clone out at that commit (not the branch's
+* A child (``flows/grid_cell.py``, on a worker) checks its clone out at that commit (not the branch's
   newest), pulls the data from the DVC remote, runs the cell as a DVC experiment up to
   ``evaluate`` (experiments never publish to production) and sends it back with
   ``dvc exp push origin``: any clone can then ``dvc exp pull``, ``dvc exp show`` and ``dvc exp apply`` it.
@@ -37,50 +37,16 @@ from uuid import UUID
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
-from prefect.states import Completed, State
 
-from flows.pipeline import StageFailed, sweep_dead_runs
+from flows.grid_cell import CELL_FLOW, DIVERGED
 from tasks.commands import experiments as local
 from tasks.lib import repository as team
 from tasks.lib.divergence import read_record
 from tasks.lib.grid import Cell, GridError, cells, read_grid, sweep
-from tasks.lib.params import load_params
 
-GRID_FLOW, CELL_FLOW = "mnist-grid", "mnist-grid-cell"
+GRID_FLOW = "mnist-grid"
 CELL_DEPLOYMENT = f"{CELL_FLOW}/grid-cell"
-DIVERGED = "Diverged"
 POLL_SECONDS = 2.0
-
-
-# --- the child: one cell on a worker ---------------------------------------------------------
-
-
-def _experiment_timeout(root: Path) -> float:
-    limits = load_params(root / "params.yaml").schedule.stage_timeout_seconds
-    return float(limits["download"] + limits["train"] + limits["evaluate"])
-
-
-@flow(name=CELL_FLOW, log_prints=True, persist_result=False)
-def grid_cell(commit: str, name: str, settings: list[str], repo: str = ".") -> State:
-    """Run one cell as DVC experiment ``name`` of ``commit`` (``settings``: its `-S` overrides)
-    and push it to the team's remotes; a run that diverged ends Completed, named "Diverged"."""
-    root, log = Path(repo).resolve(), get_run_logger()
-    sweep_dead_runs(root)
-    team.checkout_commit(root, commit)
-    team.ensure_identity(root)  # `dvc exp run` commits the experiment
-    if name in team.remote_experiments(root, commit):
-        return Completed(message=f"{name} is already on the remotes; nothing to run")
-    log.info("dvc pull: %s", team.pull_outputs(root, required=False, stages=("download",)).summary())
-    arguments = ["exp", "run", "evaluate", "--name", name, *[part for setting in settings for part in ("-S", setting)]]
-    code, lines = team.dvc_stream(root, arguments, _experiment_timeout(root), log.info)
-    if code != 0:
-        if record := read_record("\n".join(lines)):
-            return Completed(name=DIVERGED, message=record.record_line())
-        raise StageFailed(f"`dvc {' '.join(arguments)}` failed with exit code {code}:\n" + "\n".join(lines[-15:]))
-    pushed = team.dvc(root, "exp", "push", team.REMOTE, name, timeout=_experiment_timeout(root))
-    if pushed.returncode != 0 and name not in team.remote_experiments(root, commit):
-        raise StageFailed(f"`dvc exp push {team.REMOTE} {name}` failed:\n{pushed.stderr.strip()}")
-    return Completed(message=f"pushed experiment {name} of {commit[:12]}")
 
 
 # --- the parent: the grid --------------------------------------------------------------------

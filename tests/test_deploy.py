@@ -40,7 +40,7 @@ def test_committed_prefect_yaml_agrees_with_params_yaml() -> None:
     assert (deployment["name"], deployment["work_pool"]["name"]) == (schedule.deployment_name, schedule.work_pool)
     # the grid's cells (flows/grid.py) run on the same pool, with heartbeats for crash detection, unscheduled
     assert (cell["name"], cell["entrypoint"], cell["work_pool"]["name"]) == (
-        "grid-cell", "flows/grid.py:grid_cell", schedule.work_pool)
+        "grid-cell", "flows/grid_cell.py:grid_cell", schedule.work_pool)
     assert "schedules" not in cell and cell["work_pool"]["job_variables"] == deployment["work_pool"]["job_variables"]
     assert deployment["parameters"]["publish"] is True and deployment["concurrency_limit"]["limit"] == 1
     assert document["pull"][0]["prefect.deployments.steps.git_clone"]["repository"] == "{{ team.git_url }}"
