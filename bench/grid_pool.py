@@ -14,7 +14,10 @@ with training itself split out from DVCLive's ``train.seconds``, ``dvc exp push`
 (1 worker / 2 workers) and the overhead per cell (a cell's flow run minus its training), and from
 those an estimate of the seed's 35-cell grid at 30000 steps on 1, 2, 8 and 35 workers.
 
-    python bench/grid_pool.py [--steps 2000] [--seeds 2] [--rates 0.4 0.8] [--full-steps-per-second 600]
+    python bench/grid_pool.py [--steps 2000] [--seeds 2] [--rates 0.4 0.8] [--workers 1 2]
+                              [--full-steps-per-second 600]
+    python bench/grid_pool.py --workers 2 --seeds 5 --steps 0 --grid grids/seed-comparison.yaml
+                              # the seed's whole comparison (params.yaml's 30000 steps) through two workers
 
 ``--full-steps-per-second``: the one-thread training speed at 30000 steps for the estimate (default:
 the speed the cells measured). Real MNIST (the download stage's sources, verified by SHA-256).
@@ -134,6 +137,13 @@ def cell_figures(server_url: str, clone: Path, commit: str, since: float) -> lis
     return figures
 
 
+def grid_arguments(arguments: argparse.Namespace) -> list[str]:
+    steps = ["--steps", str(arguments.steps)] if arguments.steps else []  # 0: params.yaml's own
+    sweep = ["--set", "train.learning_rate=" + ",".join(arguments.rates)]
+    cells = ["--grid", str(arguments.grid)] if arguments.grid else sweep
+    return steps + cells
+
+
 def run_grid(workers: int, arguments: argparse.Namespace, scratch: Path, remote: Path,
              environment: dict[str, str], server_url: str) -> tuple[float, list[dict[str, float]]]:
     """The grid through ``workers`` workers, from a fresh clone; its wall time and its cells."""
@@ -144,14 +154,16 @@ def run_grid(workers: int, arguments: argparse.Namespace, scratch: Path, remote:
     commit = check(["git", "rev-parse", "HEAD"], clone).strip()
     pool = start_workers(workers, scratch, environment)
     try:
-        command = python_module("flows.grid", "--pool", POOL, "--seeds", str(arguments.seeds), "--steps",
-                                str(arguments.steps), "--set", "train.learning_rate=" + ",".join(arguments.rates))
+        command = python_module("flows.grid", "--pool", POOL, "--seeds", str(arguments.seeds),
+                                *grid_arguments(arguments))
         print(f"bench: {workers} worker(s): {' '.join(command[1:])}", flush=True)
         since, started = time.time(), time.perf_counter()
         check(command, clone, environment, timeout=7200)
         wall = time.perf_counter() - started
     finally:
         stop(pool)
+    table = clone / "reports" / "experiments" / "table.md"
+    print(f"bench: the grid's table ({workers} worker(s)):\n{table.read_text()}", flush=True)
     return wall, cell_figures(server_url, clone, commit, since)
 
 
@@ -168,12 +180,12 @@ def report(workers: int, wall: float, cells: list[dict[str, float]]) -> None:
           f"{statistics.median(cell['training'] for cell in cells):.1f} s, overhead {overhead:.1f} s", flush=True)
 
 
-def estimate(cells: list[dict[str, float]], wall: float, steps_per_second: float | None) -> None:
+def estimate(cells: list[dict[str, float]], wall: float, workers: int, steps_per_second: float | None) -> None:
     """The seed's 35-cell grid at 30000 steps on N workers: rounds of (overhead + training) + fixed."""
     overhead = statistics.median(cell["run"] - cell["training"] for cell in cells)
     speed = steps_per_second or statistics.median(cell["steps_per_second"] for cell in cells)
     per_cell = overhead + SEED_GRID_STEPS / speed
-    fixed = max(wall - math.ceil(len(cells) / 2) * statistics.median(cell["run"] for cell in cells), 0.0)
+    fixed = max(wall - math.ceil(len(cells) / workers) * statistics.median(cell["run"] for cell in cells), 0.0)
     print(f"\nestimate, the seed's {SEED_GRID_CELLS} cells at {SEED_GRID_STEPS} steps ({speed:.0f} steps/s per "
           f"one-core worker, {overhead:.1f} s overhead per cell, {fixed:.0f} s for the grid itself):")
     for workers in (1, 2, 8, 35):
@@ -186,6 +198,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--rates", nargs="+", default=["0.4", "0.8"])
+    parser.add_argument("--grid", type=Path, default=None, help="a grid file instead of the --rates sweep")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="configurations, in order")
     parser.add_argument("--full-steps-per-second", type=float, default=None)
     arguments = parser.parse_args()
     scratch = Path(tempfile.mkdtemp(prefix="grid-pool-bench-"))
@@ -204,14 +218,16 @@ def main() -> None:
         check(python_module("prefect", "--no-prompt", "deploy", "--all"), operator,
               environment | {"MNIST_PIPELINE_GIT_URL": str(remote)})
         results = {workers: run_grid(workers, arguments, scratch, remote, environment, server.api_url)
-                   for workers in (1, 2)}
+                   for workers in arguments.workers}
     finally:
         server.stop()
     for workers, (wall, cells) in results.items():
         report(workers, wall, cells)
-    print(f"\nspeedup, 2 workers over 1: {results[1][0] / results[2][0]:.2f}x "
-          f"(load average at the end {os.getloadavg()[0]:.2f})")
-    estimate(results[2][1], results[2][0], arguments.full_steps_per_second)
+    if 1 in results and 2 in results:
+        print(f"\nspeedup, 2 workers over 1: {results[1][0] / results[2][0]:.2f}x "
+              f"(load average at the end {os.getloadavg()[0]:.2f})")
+    last = max(results)
+    estimate(results[last][1], results[last][0], last, arguments.full_steps_per_second)
     shutil.rmtree(scratch, ignore_errors=True)
 
 

@@ -3,8 +3,8 @@
 prefect.yaml's ``grid-cell`` deployment runs it on the team's work pool, in a clone of the team's
 branch (its pull step); the parent sends one run per cell with the grid's commit, the cell's
 experiment name and its ``-S`` overrides. The run checks the clone out at that commit (not the
-branch's newest), pulls the data from the DVC remote, runs the cell as a DVC experiment up to
-``evaluate`` (experiments never publish to production) and sends it back with
+branch's newest), runs the cell as a DVC experiment up to ``evaluate`` (``--pull``: the data from
+the DVC remote) (experiments never publish to production) and sends it back with
 ``dvc exp push origin``. A cell already on the git remote is not run again; a run that diverged
 ends Completed, named "Diverged", its message the train stage's stop record.
 
@@ -42,8 +42,10 @@ def grid_cell(commit: str, name: str, settings: list[str], repo: str = ".") -> S
     team.ensure_identity(root)  # `dvc exp run` commits the experiment
     if name in team.remote_experiments(root, commit):
         return Completed(message=f"{name} is already on the remotes; nothing to run")
-    log.info("dvc pull: %s", team.pull_outputs(root, required=False, stages=("download",)).summary())
-    arguments = ["exp", "run", "evaluate", "--name", name, *[part for setting in settings for part in ("-S", setting)]]
+    # --pull: what an unchanged stage (download) recorded comes from the DVC remote, in the same
+    # DVC process (a separate `dvc pull` would start DVC once more per cell)
+    overrides = [part for setting in settings for part in ("-S", setting)]
+    arguments = ["exp", "run", "--pull", "evaluate", "--name", name, *overrides]
     code, lines = team.dvc_stream(root, arguments, _experiment_timeout(root), log.info)
     if code != 0:
         if record := read_record("\n".join(lines)):

@@ -211,12 +211,10 @@ def start_from_branch(repo: Path) -> RunStart:
     return RunStart(branch, tip)
 
 
-def missing_outputs(repo: Path, stages: tuple[str, ...] | None = None) -> list[str]:
-    """Outputs recorded in dvc.lock and kept in DVC's cache that are absent from the workspace
-    (of ``stages`` only, when given)."""
+def missing_outputs(repo: Path) -> list[str]:
+    """Outputs recorded in dvc.lock and kept in DVC's cache that are absent from the workspace."""
     with open_dvc_repo(repo) as dvc_repo:
-        return [out.def_path for out in dvc_repo.index.outs if out.use_cache and out.hash_info and not out.exists
-                and (stages is None or getattr(out.stage, "name", None) in stages)]
+        return [out.def_path for out in dvc_repo.index.outs if out.use_cache and out.hash_info and not out.exists]
 
 
 @dataclass(frozen=True)
@@ -236,8 +234,7 @@ class PullOutcome:
         return f"{pulled} (DVC remote '{self.remote}'){absent}"
 
 
-def pull_outputs(repo: Path, required: bool, timeout: float = 3600,
-                 stages: tuple[str, ...] | None = None) -> PullOutcome:
+def pull_outputs(repo: Path, required: bool, timeout: float = 3600) -> PullOutcome:
     """`dvc pull` what the default remote has of the outputs missing here.
 
     An empty or absent remote is normal (nothing pushed yet): the stages compute what is missing.
@@ -250,7 +247,7 @@ def pull_outputs(repo: Path, required: bool, timeout: float = 3600,
             raise TeamError("a published run needs a default DVC remote that every clone knows: "
                             "`dvc remote add -d <name> <url>`, then commit .dvc/config")
         return PullOutcome(None)
-    missing = missing_outputs(repo, stages)
+    missing = missing_outputs(repo)
     if not missing:
         return PullOutcome(remote)
     result = dvc(repo, "pull", "--allow-missing", *missing, timeout=timeout)
@@ -259,7 +256,7 @@ def pull_outputs(repo: Path, required: bool, timeout: float = 3600,
         if required:
             raise TeamError(f"dvc pull from remote '{remote}' failed: {failure}")
         return PullOutcome(remote, failure=failure)
-    absent = missing_outputs(repo, stages)
+    absent = missing_outputs(repo)
     return PullOutcome(remote, [path for path in missing if path not in absent], absent)
 
 
