@@ -14,7 +14,7 @@ another grid file or ``--set`` sweeps, × seeds), run elsewhere:
 * A child (``flows/grid_cell.py``, on a worker) checks its clone out at that commit (not the branch's
   newest), pulls the data from the DVC remote, runs the cell as a DVC experiment up to
   ``evaluate`` (experiments never publish to production) and sends it back with
-  ``dvc exp push origin``: any clone can then ``dvc exp pull``, ``dvc exp show`` and ``dvc exp apply`` it.
+  ``dvc exp push origin``: any clone can then ``dvc exp pull``, ``dvc exp show`` and ``dvc exp branch`` it.
 * The parent pulls the experiments and writes the same ``table.md`` and ``accuracy.png`` as the
   local executor; with ``--publish`` it commits the two on the branch and pushes them.
 
