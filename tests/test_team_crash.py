@@ -85,7 +85,7 @@ def start_worker(team: Team, name: str) -> subprocess.Popen:
     directory.mkdir(exist_ok=True)
     log = open(team.root / f"{name}.log", "ab")  # noqa: SIM115 - the worker process owns it
     return subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", POOL, "--name", name],
-                            cwd=directory, env=team.environment(), stdout=log, stderr=subprocess.STDOUT,
+                            cwd=directory, env=team.worker_environment(), stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
 
 
