@@ -21,7 +21,9 @@ Two ways to deploy the same flow:
   ``team_settings`` below, which reads params.yaml and the environment:
 
       MNIST_PIPELINE_GIT_URL=<git url> [MNIST_PIPELINE_GIT_BRANCH=main] prefect --no-prompt deploy --all
-      prefect worker start --pool mnist-pool
+      PREFECT_LOGGING_SETTINGS_PATH=$PWD/flows/worker_logging.yml prefect worker start --pool mnist-pool
+
+  (the workers' logging file: ``flows/worker_logging.py``).
 """
 
 from __future__ import annotations

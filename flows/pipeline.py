@@ -129,19 +129,31 @@ PICTURES = (("Learning curves", "learning_curves.png"), ("Confusion matrix", "co
 
 
 PICTURE_MAX_BYTES = 8 << 20  # evaluate's PNGs are ~100 KB each; a bigger file is not one of them
+PICTURES_SUMMARY = "Learning curves, confusion matrix and misclassified digits of this run"
+
+
+def _data_uri(picture: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(read_regular_file(picture, PICTURE_MAX_BYTES)).decode("ascii")
+
+
+def pictures_description(plots: Path) -> str:
+    """The run-pictures artifact's description: the run's PNGs as data: URIs, all on its first line.
+
+    The Prefect UI (3.9.1) lists a flow run's artifacts on its Artifacts tab as cards that show
+    only the first line of each description, rendered as markdown (a markdown image as a plain
+    <img>); so the pictures show on the tab itself, with no file server. Stored once: the
+    artifact's own page shows the description above its markdown."""
+    images = " ".join(f"![{title}]({_data_uri(plots / name)})" for title, name in PICTURES
+                      if (plots / name).is_file())
+    return f"{images or 'No pictures: evaluate wrote none.'}\n\n{PICTURES_SUMMARY}"
 
 
 def pictures_markdown(plots: Path) -> str:
-    """The run's PNGs inline, as data: URIs: the Prefect UI (3.9.1) renders a markdown image as a
-    plain <img>, so the pictures show on the run's Artifacts tab with no file server."""
-    lines = ["# Pictures of this run", ""]
+    """The run-pictures artifact's markdown: which pictures its description shows, and which are missing."""
+    lines = ["The pictures are this artifact's description, shown above and on the flow run's Artifacts tab:", ""]
     for title, name in PICTURES:
-        picture = plots / name
-        if picture.is_file():
-            encoded = base64.b64encode(read_regular_file(picture, PICTURE_MAX_BYTES)).decode("ascii")
-            lines += [f"## {title}", "", f"![{title}](data:image/png;base64,{encoded})", ""]
-        else:
-            lines += [f"## {title}", "", f"(no `{picture.name}`: evaluate did not write it)", ""]
+        found = (plots / name).is_file()
+        lines.append(f"- {title}: `{name}`" if found else f"- {title}: (no `{name}`: evaluate did not write it)")
     return "\n".join(lines)
 
 
@@ -171,8 +183,9 @@ def _publish_artifacts(repo: Path, params: Params) -> None:
     promotion = Paths.under(repo, params.paths).promotion
     create_markdown_artifact(markdown=promotion_markdown(promotion), key="promotion-decision",
                              description="The promotion decision of this run")
-    create_markdown_artifact(markdown=pictures_markdown(Paths.under(repo, params.paths).plots), key="run-pictures",
-                             description="Learning curves, confusion matrix and misclassified digits of this run")
+    plots = Paths.under(repo, params.paths).plots
+    create_markdown_artifact(markdown=pictures_markdown(plots), key="run-pictures",
+                             description=pictures_description(plots))
 
 
 def _push_if_configured(repo: Path, params: Params, log: object) -> None:

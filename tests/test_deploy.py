@@ -1,10 +1,13 @@
-"""prefect.yaml's build step (`flows.deploy.team_settings`) and prefect.yaml itself, without a server.
+"""prefect.yaml's build step (`flows.deploy.team_settings`), prefect.yaml itself and the workers'
+logging file (flows/worker_logging.yml), without a server.
 
 `prefect deploy --all` against a real server and worker is tested in tests/test_team.py.
 """
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +16,7 @@ import yaml
 from flows.deploy import GIT_BRANCH_VARIABLE, GIT_URL_VARIABLE, team_settings
 from tasks.lib.params import load_params
 
-from .conftest import REPO_ROOT, make_params_document, run_command
+from .conftest import REPO_ROOT, make_params_document, run_command, tool_environment
 
 
 @pytest.fixture
@@ -77,3 +80,37 @@ def test_work_pool_in_prefect_yaml_must_match_params(project: Path, monkeypatch:
     with pytest.raises(ValueError, match="work_pool.name is 'gpu-pool' but params.yaml schedule.work_pool is "
                                          "'mnist-pool'"):
         team_settings()
+
+
+WORKER_LOGGING = REPO_ROOT / "flows" / "worker_logging.yml"
+
+
+def test_worker_logging_file_is_prefects_default_plus_the_waiting_run_filter() -> None:
+    from prefect.logging.configuration import DEFAULT_LOGGING_SETTINGS_PATH, load_logging_config
+
+    ours, default = load_logging_config(WORKER_LOGGING), load_logging_config(DEFAULT_LOGGING_SETTINGS_PATH)
+    assert ours.pop("filters") == {"waiting_run": {"()": "flows.worker_logging.WaitingRunFilter"}}
+    assert ours["loggers"].pop("prefect.flow_runs.worker") == {"level": "NOTSET", "filters": ["waiting_run"]}
+    assert ours == default  # a Prefect upgrade that changes its default shows here
+
+
+_WORKER_LOGS = """
+import uuid
+import prefect.main  # Prefect's logging set-up, from PREFECT_LOGGING_SETTINGS_PATH
+from prefect.logging.loggers import flow_run_logger
+for run in (uuid.uuid4(), uuid.uuid4()):
+    worker = flow_run_logger(flow_run_id=run).getChild("worker")  # as BaseWorker.get_flow_run_logger
+    for _ in range(3):
+        worker.info(f"Aborted submission of flow run '{run}': Server returned a non-pending state 'SCHEDULED'")
+    worker.info(f"Aborted submission of flow run '{run}': Server sent an abort signal: gone")
+"""
+
+
+def test_worker_logs_a_waiting_run_once_and_everything_else(tmp_path: Path) -> None:
+    environment = tool_environment() | {"PREFECT_LOGGING_SETTINGS_PATH": str(WORKER_LOGGING),
+                                        "PREFECT_LOGGING_TO_API_ENABLED": "false"}
+    result = subprocess.run([sys.executable, "-c", _WORKER_LOGS], cwd=tmp_path, env=environment,
+                            capture_output=True, text=True, timeout=120, check=True)
+    lines = [line for line in result.stderr.splitlines() if "prefect.flow_runs.worker" in line]
+    assert [line.split("': ")[1] for line in lines] == [
+        "Server returned a non-pending state 'SCHEDULED'", "Server sent an abort signal: gone"] * 2

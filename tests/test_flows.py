@@ -80,7 +80,8 @@ def test_flow_runs_every_stage_then_skips_them_all(server: PrefectServer, tmp_pa
         "download": "Completed", "train": "Completed", "evaluate": "Completed", "promote": "Completed"}
     artifacts = {artifact.key: artifact for artifact in prefect_api(server, lambda client: client.read_artifacts())}
     assert {"evaluation-metrics", "promotion-decision", "run-pictures"} <= set(artifacts)
-    assert artifacts["run-pictures"].data.count("](data:image/png;base64,iVBORw0KGgo") == 3  # the three PNGs
+    # the three PNGs, on the description's first line: what the UI's Artifacts tab shows (docs/orchestration.md)
+    assert artifacts["run-pictures"].description.splitlines()[0].count("](data:image/png;base64,iVBORw0KGgo") == 3
     assert json.loads((project / "reports" / "promotion.json").read_text())["version"] == 1
     assert any((tmp_path / "remote" / "files").rglob("*")), "schedule.push did not push to the remote"
 

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from flows.pipeline import pictures_markdown, promotion_markdown, rounded_change
+from flows.pipeline import pictures_description, pictures_markdown, promotion_markdown, rounded_change
 
 from .conftest import make_params_document, make_project, tool_environment
 
@@ -31,15 +31,18 @@ def test_metric_changes_are_rounded_to_the_metrics_precision() -> None:
     assert rounded_change(None, 0.5, None) is None
 
 
-def test_pictures_markdown_inlines_the_pngs_as_data_uris(tmp_path: Path) -> None:
+def test_the_pictures_are_data_uris_on_the_first_line_of_the_description(tmp_path: Path) -> None:
     png = b"\x89PNG\r\n\x1a\n" + bytes(range(40))
     (tmp_path / "learning_curves.png").write_bytes(png)
     (tmp_path / "confusion_matrix.png").write_bytes(png)
-    markdown = pictures_markdown(tmp_path)
     encoded = base64.b64encode(png).decode()
-    assert f"![Learning curves](data:image/png;base64,{encoded})" in markdown
-    assert f"![Confusion matrix](data:image/png;base64,{encoded})" in markdown
-    assert "(no `misclassified.png`: evaluate did not write it)" in markdown
+    first_line = pictures_description(tmp_path).splitlines()[0]  # all the UI's Artifacts tab shows of it
+    assert first_line == (f"![Learning curves](data:image/png;base64,{encoded}) "
+                          f"![Confusion matrix](data:image/png;base64,{encoded})")
+    markdown = pictures_markdown(tmp_path)
+    assert "- Confusion matrix: `confusion_matrix.png`" in markdown
+    assert "- Misclassified test digits: (no `misclassified.png`: evaluate did not write it)" in markdown
+    assert "data:" not in markdown  # the pictures are stored once, in the description
 
 
 def test_a_flow_started_while_dvc_holds_the_lock_fails_with_one_line(tmp_path: Path, synthetic_source: Path) -> None:

@@ -48,6 +48,7 @@ pytestmark = [pytest.mark.server, pytest.mark.slow]  # under `pytest -n`: one wo
 DEPLOYMENT = "mnist-pipeline/nightly-retrain"
 POOL = "mnist-pool"
 RUN_TIMEOUT = 600
+WAITING = "Server returned a non-pending state 'SCHEDULED'"  # the worker, each time a run waits
 
 
 @dataclass
@@ -65,6 +66,10 @@ class Team:
         scratch.mkdir(exist_ok=True)
         return tool_environment() | self.server.client_environment() | {
             "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_WORKER_PREFETCH_SECONDS": "0", "TMPDIR": str(scratch)}
+
+    def worker_environment(self) -> dict[str, str]:
+        """A worker's: the logging file of the checkout it runs from, as docs/team.md starts one."""
+        return self.environment() | {"PREFECT_LOGGING_SETTINGS_PATH": str(REPO_ROOT / "flows" / "worker_logging.yml")}
 
     def prefect(self, *arguments: str, cwd: Path | None = None, extra: dict | None = None) -> str:
         result = subprocess.run([sys.executable, "-m", "prefect", "--no-prompt", *arguments], cwd=cwd or self.root,
@@ -210,7 +215,7 @@ def team(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Team]:
         (root / "worker").mkdir()
         log = open(root / "worker.log", "ab")  # noqa: SIM115 - the worker process owns it
         team.worker = subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", POOL],
-                                       cwd=root / "worker", env=team.environment(), stdout=log,
+                                       cwd=root / "worker", env=team.worker_environment(), stdout=log,
                                        stderr=subprocess.STDOUT, start_new_session=True)
         baseline = run_once(team)
         _completed(team, baseline)
@@ -292,6 +297,8 @@ def test_two_runs_triggered_together_never_overlap_and_the_second_starts_from_th
     assert f"Run {first.name}:" in team.git("log", "-1", "--format=%s", head)
     logged(team, second.id, f"starting from main at {head}")  # the second started from it
     assert "publish" not in task_states(team, second.id)  # and found nothing to do
+    # It waited for the slot (the worker retried every 2 s), and its log says so once, not every retry.
+    assert logs(team, second.id).count(WAITING) == 1, logs(team, second.id)
 
 
 def test_dvc_artifacts_get_fetches_the_prod_model_which_loads_and_predicts(team: Team, tmp_path: Path) -> None:

@@ -85,7 +85,7 @@ def start_worker(team: Team, name: str) -> subprocess.Popen:
     directory.mkdir(exist_ok=True)
     log = open(team.root / f"{name}.log", "ab")  # noqa: SIM115 - the worker process owns it
     return subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", POOL, "--name", name],
-                            cwd=directory, env=team.environment(), stdout=log, stderr=subprocess.STDOUT,
+                            cwd=directory, env=team.worker_environment(), stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
 
 
@@ -133,3 +133,25 @@ def test_a_cancelled_run_ends_cancelled_and_its_children_with_it(team: Team, tmp
     _wait_for(lambda: not alive(stage), 30, "the cancelled run's stage to end")
     assert not any(alive(pid) and "-m dvc" in command_line(pid) for pid in children)
     teammate_change(team, tmp_path / "back", "Train 70 steps", "train", steps=70)  # leave the remote settled
+
+
+def _online(team: Team, name: str) -> bool:
+    workers = test_team.prefect_api(team.server, lambda client: client.read_workers_for_work_pool(POOL))
+    return any(worker.name == name and worker.status == "ONLINE" for worker in workers)
+
+
+def test_a_worker_started_from_a_script_as_docs_say_stops_on_one_kill(team: Team) -> None:
+    """docs/team.md: `set -m` first in a script. Without job control bash starts `... &` with SIGINT
+    ignored, and Prefect 3.9.1's worker answers SIGTERM with a SIGINT to itself, so it kept running."""
+    script = ('set -m; prefect worker start --pool "$1" --name "$2" > "$3" 2>&1 & echo $!')
+    started = subprocess.run(["bash", "-c", script, "bash", POOL, "stopped-by-kill", str(team.root / "stopped.log")],
+                             cwd=team.root, env=team.worker_environment(), capture_output=True, text=True, check=True)
+    worker = int(started.stdout)
+    _wait_for(lambda: _online(team, "stopped-by-kill"), 120, "the worker to be online")
+    os.kill(worker, signal.SIGTERM)
+    try:
+        _wait_for(lambda: not alive(worker), 30, "the worker to stop")
+    finally:
+        if alive(worker):
+            os.kill(worker, signal.SIGKILL)
+    assert "Worker 'stopped-by-kill' stopped!" in (team.root / "stopped.log").read_text()
