@@ -80,7 +80,8 @@ def start_workers(count: int, scratch: Path, environment: dict[str, str]) -> lis
         core = str(index % (os.cpu_count() or 1))
         command = ["taskset", "-c", core, *python_module("prefect", "worker", "start", "--pool", POOL,
                                                          "--name", f"bench-{count}-{index}", "--limit", "1")]
-        workers.append(subprocess.Popen(command, cwd=directory, env=environment, stdout=log,
+        logging = {"PREFECT_LOGGING_SETTINGS_PATH": str(ROOT / "flows" / "worker_logging.yml")}  # as docs/team.md
+        workers.append(subprocess.Popen(command, cwd=directory, env=environment | logging, stdout=log,
                                         stderr=subprocess.STDOUT, start_new_session=True))
     return workers
 

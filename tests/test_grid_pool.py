@@ -54,8 +54,8 @@ class GridTeam(Team):
         directory.mkdir(exist_ok=True)
         log = open(self.root / f"{name}.log", "ab")  # noqa: SIM115 - the worker process owns it
         command = [sys.executable, "-m", "prefect", "worker", "start", "--pool", POOL, "--name", name, "--limit", "1"]
-        return subprocess.Popen(command, cwd=directory, env=self.environment(), stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        return subprocess.Popen(command, cwd=directory, env=self.worker_environment(), stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def make_team(root: Path, database_url: str | None) -> Iterator[GridTeam]:
