@@ -8,9 +8,10 @@ prefect.yaml (``prefect deploy --all``). Then, for 1 and for 2 workers: ``prefec
 them (``python -m flows.grid --pool``), from a fresh clone with the experiments of the previous
 configuration removed from the remote (so both run every cell).
 
-It prints, per configuration, the grid's wall time; per cell, the flow run's time and where it went
-(from the run's log: the worker's process start and clone, checkout and ``dvc pull``, ``dvc exp run``
-with training itself split out from DVCLive's ``train.seconds``, ``dvc exp push``); then the speedup
+It prints, per configuration, the grid's wall time; per cell, the run's time and where it went
+(from the run's log, PHASES below: the worker's process start, clone and flow import; checkout, DVC's
+start and ``dvc pull``; the train stage, with training itself from DVCLive's ``train.seconds``; the
+evaluate stage; ``dvc exp push``); then the speedup
 (1 worker / 2 workers) and the overhead per cell (a cell's flow run minus its training), and from
 those an estimate of the seed's 35-cell grid at 30000 steps on 1, 2, 8 and 35 workers.
 
@@ -97,24 +98,31 @@ def stop(workers: list[subprocess.Popen]) -> None:
             os.killpg(worker.pid, 9)
 
 
+# A cell's log lines that start its phases, in order (the worker's process, then the flow run's).
+MARKS = {"process": "Running 1 deployment pull step", "flow": "Beginning", "train": "Running stage 'train'",
+         "evaluate": "Running stage 'evaluate'", "experiment": "Ran experiment(s)", "end": "Finished in state"}
+# phase: (from mark, to mark)
+PHASES = {"process start, clone, flow import": ("process", "flow"),
+          "checkout, DVC start, dvc pull": ("flow", "train"), "train stage": ("train", "evaluate"),
+          "evaluate stage": ("evaluate", "experiment"), "dvc exp push": ("experiment", "end")}
+
+
 def _log_times(client: object, flow_run_id: object) -> dict[str, float]:
-    """Seconds from the flow run's start to the first log line of each step of a cell."""
+    """The time of the first log line of each of MARKS in the flow run's log."""
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
-    marks = {"clone done": "Deployment step 'git_clone' completed", "flow started": "Beginning",
-             "pulled": "dvc pull:", "training": "Running stage 'train'", "evaluating": "Running stage 'evaluate'",
-             "experiment done": "Ran experiment(s)"}
     logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
     found = {}
     for entry in sorted(logs, key=lambda entry: entry.timestamp):
-        for mark, text in marks.items():
+        for mark, text in MARKS.items():
             if mark not in found and text in entry.message:
-                found[mark] = entry.timestamp
-    return {mark: stamp.timestamp() for mark, stamp in found.items()}
+                found[mark] = entry.timestamp.timestamp()
+    return found
 
 
 def cell_figures(server_url: str, clone: Path, commit: str, since: float) -> list[dict[str, float]]:
-    """Per completed cell: its flow run's times and its training seconds (DVCLive, from `dvc exp show`)."""
+    """Per completed cell of this configuration: the seconds of each phase, the whole run (first to
+    last log line) and its training (DVCLive's ``train.seconds``, from `dvc exp show`)."""
     from prefect import get_client
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
     from prefect.settings import PREFECT_API_URL, temporary_settings
@@ -127,15 +135,14 @@ def cell_figures(server_url: str, clone: Path, commit: str, since: float) -> lis
         runs = client.read_flow_runs(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[DEPLOYMENT])))
         for flow_run in runs:
             name = flow_run.parameters.get("name")
-            if (flow_run.state_name != "Completed" or name not in training or flow_run.start_time is None
-                    or flow_run.created.timestamp() < since):
+            if flow_run.state_name != "Completed" or name not in training or flow_run.created.timestamp() < since:
                 continue
-            start, end = flow_run.start_time.timestamp(), flow_run.end_time.timestamp()
             marks = _log_times(client, flow_run.id)
-            figures.append({"name": name, "queued": start - flow_run.expected_start_time.timestamp(),
-                            "run": end - start, "training": training[name]["seconds"],
-                            "steps_per_second": training[name]["steps_per_second"],
-                            **{mark: stamp - start for mark, stamp in marks.items()}, "end": end - start})
+            if set(marks) != set(MARKS):
+                continue
+            cell = {"name": name, "run": marks["end"] - marks["process"], "training": training[name]["seconds"],
+                    "steps_per_second": training[name]["steps_per_second"]}
+            figures.append(cell | {phase: marks[to] - marks[start] for phase, (start, to) in PHASES.items()})
     return figures
 
 
@@ -170,16 +177,16 @@ def run_grid(workers: int, arguments: argparse.Namespace, scratch: Path, remote:
 
 
 def report(workers: int, wall: float, cells: list[dict[str, float]]) -> None:
-    print(f"\n{workers} worker(s): grid of {len(cells)} cells in {wall:.1f} s", flush=True)
-    columns = ["queued", "clone done", "flow started", "pulled", "training", "evaluating", "experiment done", "end",
-               "training"]
-    print("cell | " + " | ".join(f"{column} (s)" for column in columns[:-1]) + " | train.seconds")
+    print(f"\n{workers} worker(s): grid of {len(cells)} cells in {wall:.1f} s; seconds per cell:", flush=True)
+    columns = [*PHASES, "run", "training", "overhead"]
+    print("| cell | " + " | ".join(columns) + " |\n|" + " --- |" * (len(columns) + 1))
     for cell in sorted(cells, key=lambda cell: cell["name"]):
-        values = [cell.get(column) for column in columns[:-1]] + [cell["training"]]
-        print(cell["name"] + " | " + " | ".join("-" if value is None else f"{value:.1f}" for value in values))
-    overhead = statistics.median(cell["run"] - cell["training"] for cell in cells)
-    print(f"median per cell: flow run {statistics.median(cell['run'] for cell in cells):.1f} s, training "
-          f"{statistics.median(cell['training'] for cell in cells):.1f} s, overhead {overhead:.1f} s", flush=True)
+        values = [cell[column] for column in columns[:-1]] + [cell["run"] - cell["training"]]
+        print(f"| {cell['name']} | " + " | ".join(f"{value:.1f}" for value in values) + " |")
+    medians = [statistics.median(cell[column] for cell in cells) for column in columns[:-1]]
+    medians.append(statistics.median(cell["run"] - cell["training"] for cell in cells))
+    print("| median | " + " | ".join(f"{value:.1f}" for value in medians) + " |", flush=True)
+    print("(the train stage's time beyond `training` is its process: TensorFlow's import, data, trace, save)")
 
 
 def estimate(cells: list[dict[str, float]], wall: float, workers: int, steps_per_second: float | None) -> None:
