@@ -75,23 +75,34 @@ def _submit(cell_run: CellRun, commit: str) -> None:
     cell_run.run_id = flow_run.id
 
 
+def _outcome(state: object, name: str, commit: str) -> tuple[str, str] | None:
+    """(result, detail) of a cell's finished run, or None when it brought no result: it did not
+    complete, or it completed but its experiment is not on the git remote (removed since, say,
+    while the run's idempotency key still finds that old run)."""
+    if state.is_completed() and state.name == DIVERGED:
+        return "diverged", state.message or ""
+    if state.is_completed() and name in team.remote_experiments(Path.cwd(), commit):
+        return "done", ""
+    return None
+
+
 def _settle(cell_run: CellRun, flow_run: object, attempts: int, commit: str) -> None:
     """Record how a cell's run ended, or send the cell again when the run brought no result."""
     log, state = get_run_logger(), flow_run.state
     name = cell_run.cell.name
-    if state.is_completed():
-        diverged = state.name == DIVERGED
-        cell_run.result, cell_run.detail = ("diverged", state.message or "") if diverged else ("done", "")
-        log.info("grid: %s %s (flow run %s)", name, "diverged: final" if diverged else "done", flow_run.name)
-    elif cell_run.attempt < attempts:
+    if outcome := _outcome(state, name, commit):
+        cell_run.result, cell_run.detail = outcome
+        log.info("grid: %s %s (flow run %s)", name, "diverged: final" if outcome[0] == "diverged" else "done",
+                 flow_run.name)
+        return
+    why = state.name if not state.is_completed() else "Completed, but its experiment is not on the remote"
+    if cell_run.attempt < attempts:
         log.warning("grid: %s: flow run %s ended %s (%s); running it again on a live worker, attempt %d of %d",
-                    name, flow_run.name, state.name, (state.message or "").strip()[:200], cell_run.attempt + 1,
-                    attempts)
+                    name, flow_run.name, why, (state.message or "").strip()[:200], cell_run.attempt + 1, attempts)
         _submit(cell_run, commit)
     else:
         cell_run.result, cell_run.detail = "failed", f"flow runs of {name} in the Prefect UI"
-        log.error("grid: %s: gave up after %d runs; the last, %s, ended %s", name, attempts, flow_run.name,
-                  state.name)
+        log.error("grid: %s: gave up after %d runs; the last, %s, ended %s", name, attempts, flow_run.name, why)
 
 
 @task(name="run-cells", persist_result=False)

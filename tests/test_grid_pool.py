@@ -9,7 +9,8 @@ a. a 2-variant × 2-seed grid on the pool: both workers run cells; the table and
 b. a worker SIGKILLed while it trains a cell: the run is marked Crashed, the cell runs again on the
    other worker, the grid completes, each cell recorded once;
 c. the command of (a) again: no flow run is started, nothing trains;
-d. a fresh clone sees every cell with `dvc exp pull` and `dvc exp show`.
+d. a fresh clone sees every cell with `dvc exp pull` and `dvc exp show`;
+e. a cell whose experiment was removed from the remote runs again, and only it.
 (e, a bad grid file refused before anything runs, is tests/test_grid.py.)
 """
 
@@ -208,3 +209,18 @@ def test_d_a_fresh_clone_sees_every_cell_with_dvc_exp_pull_and_show(team: GridTe
     dvc(clone, "pull", "train")
     assert (clone / "models" / "candidate").is_dir()
     assert dvc(clone, "status", "train", "evaluate").stdout.strip() == "Data and pipelines are up to date."
+
+
+def test_e_a_cell_removed_from_the_remote_runs_again_and_only_it(team: GridTeam, tmp_path: Path) -> None:
+    clone = team.clone(tmp_path / "removed")
+    commit = grid_commit(clone)
+    team.git("update-ref", "-d", f"refs/exps/{commit[:2]}/{commit[2:]}/{NAMES[0]}")  # `dvc exp remove -g origin`
+    before = {run.id for run in cell_runs(team)}
+    result = grid(team, clone, *SWEEP)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "3 already on the remotes (not run again), 1 to the pool" in result.stdout + result.stderr
+    # its first run's idempotency key finds the old run, whose experiment is gone: attempt 2 runs it
+    assert "Completed, but its experiment is not on the remote" in result.stdout + result.stderr
+    new = [run for run in cell_runs(team) if run.id not in before]
+    assert [(run.parameters["name"], run.state_name) for run in new] == [(NAMES[0], "Completed")]
+    assert remote_cells(team, commit) == sorted(NAMES + KILLED_NAMES)

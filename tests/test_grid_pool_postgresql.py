@@ -17,6 +17,7 @@ from .test_grid_pool import (  # noqa: F401 - collected here, on this module's t
     test_b_a_killed_worker_s_cell_runs_again_and_the_grid_completes,
     test_c_the_same_command_again_trains_nothing,
     test_d_a_fresh_clone_sees_every_cell_with_dvc_exp_pull_and_show,
+    test_e_a_cell_removed_from_the_remote_runs_again_and_only_it,
 )
 
 pytestmark = [pytest.mark.server, pytest.mark.slow,
