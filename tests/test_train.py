@@ -11,6 +11,7 @@ import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -22,7 +23,7 @@ from tasks.lib.divergence import TrainingDiverged, read_record
 from tasks.lib.params import Params, Paths, TrainParams, parse_params
 from tasks.lib.schedules import BatchOrder, learning_rate_at, learning_rates, moving_average_decays
 from tasks.lib.trainer import Trainer
-from tasks.train import CURVE_COLUMNS, train_model
+from tasks.train import CURVE_COLUMNS, TrainSummary, train_model
 
 from .conftest import (
     dvc,
@@ -159,17 +160,17 @@ def _assert_same_state(first: dict[str, np.ndarray], second: dict[str, np.ndarra
         assert np.array_equal(first[key], second[key]), key
 
 
-def test_resume_ends_with_the_weights_of_an_uninterrupted_run(params: Params, tmp_path: Path,
+def test_resume_ends_with_the_weights_of_an_uninterrupted_run(interrupted_run: Runs, tmp_path: Path,
                                                               capsys: pytest.CaptureFixture[str]) -> None:
-    uninterrupted = _run(params, tmp_path / "a")
-    _run(params, tmp_path / "b", steps=40)  # "interrupted" after the checkpoint at step 40
+    params, uninterrupted = interrupted_run.params, interrupted_run.whole_summary
+    _copy_of(interrupted_run.checkpoints, tmp_path / "b")  # "interrupted" after the checkpoint at step 40
     resumed = _run(params, tmp_path / "b")
     assert "resuming from" in capsys.readouterr().out
     assert resumed.resumed_from_step == 40 and uninterrupted.resumed_from_step == 0
-    _assert_same_state(_final_state(tmp_path / "a"), _final_state(tmp_path / "b"))
+    _assert_same_state(_final_state(interrupted_run.whole), _final_state(tmp_path / "b"))
     assert resumed.validation_accuracy == uninterrupted.validation_accuracy
     curves = _curves(tmp_path / "b" / "reports")
-    assert curves == _curves(tmp_path / "a" / "reports")  # the points before the resume come from the checkpoint
+    assert curves == _curves(interrupted_run.whole / "reports")  # the points before the resume come from the checkpoint
     loss = curves["loss"].splitlines()
     assert loss[0] == "step\tloss" and [row.split("\t")[0] for row in loss[1:]] == ["20", "40", "60"]
     summary = json.loads((tmp_path / "b" / "reports" / "metrics.json").read_text())
@@ -177,8 +178,10 @@ def test_resume_ends_with_the_weights_of_an_uninterrupted_run(params: Params, tm
     assert summary["validation_accuracy"] == round(resumed.validation_accuracy, 6)
 
 
-def test_changed_params_start_fresh(params: Params, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    _run(params, tmp_path, steps=40)
+def test_changed_params_start_fresh(interrupted_run: Runs, tmp_path: Path,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    params = interrupted_run.params
+    _copy_of(interrupted_run.checkpoints, tmp_path)  # a run of these params, to step 40
     summary = _run(params, tmp_path, l2_rate=0.001)
     output = capsys.readouterr().out
     assert "params or data changed" in output and "starting fresh" in output
@@ -186,22 +189,25 @@ def test_changed_params_start_fresh(params: Params, tmp_path: Path, capsys: pyte
     assert summary.steps == params.train.steps
 
 
-def test_switching_params_back_resumes(params: Params, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_switching_params_back_resumes(interrupted_run: Runs, tmp_path: Path,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
     """hidden_units 32 -> 16 -> 32 (the seed's 500 -> 300 -> 500, small): the third run resumes
     the first one's checkpoint instead of starting from zero."""
+    params = interrupted_run.params
     wide, narrow = params.model, params.model.model_copy(update={"hidden_units": 16})
     paths = _paths(tmp_path, Path(params.data.sources[0]))
-    for model in (wide, narrow):
-        train_model(model, params.train, paths, validation_size=params.data.validation_size,
-                    data_sha256=params.data.sha256)
+    shutil.copytree(interrupted_run.whole / "checkpoints", paths.checkpoints)  # the first (wide) run, whole
+    train_model(narrow, params.train, paths, validation_size=params.data.validation_size,
+                data_sha256=params.data.sha256)
     capsys.readouterr()
     summary = train_model(wide, params.train, paths, validation_size=params.data.validation_size,
                           data_sha256=params.data.sha256)
     assert summary.resumed_from_step == params.train.steps and "resuming from" in capsys.readouterr().out
 
 
-def test_a_run_that_fails_before_its_first_checkpoint_deletes_nothing(params: Params, tmp_path: Path) -> None:
-    _run(params, tmp_path, steps=40)
+def test_a_run_that_fails_before_its_first_checkpoint_deletes_nothing(interrupted_run: Runs, tmp_path: Path) -> None:
+    params = interrupted_run.params
+    _copy_of(interrupted_run.checkpoints, tmp_path)  # a run to step 40
     before = sorted(path.relative_to(tmp_path) for path in (tmp_path / "checkpoints").rglob("*"))
     with pytest.raises(TrainingDiverged):  # other params, failing before their first checkpoint
         _run(params, tmp_path, learning_rate=100.0, max_loss=1.0)
@@ -306,9 +312,10 @@ def test_finite_divergence_above_max_loss_stops_training(params: Params, tmp_pat
     assert summary.steps == params.train.steps  # finite all along: NaN/inf alone would let it finish
 
 
-def test_max_loss_does_not_invalidate_checkpoints(params: Params, tmp_path: Path,
+def test_max_loss_does_not_invalidate_checkpoints(interrupted_run: Runs, tmp_path: Path,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
-    _run(params, tmp_path, steps=40)
+    params = interrupted_run.params
+    _copy_of(interrupted_run.checkpoints, tmp_path)  # a run to step 40
     assert _run(params, tmp_path, max_loss=50.0).resumed_from_step == 40
     assert "resuming from" in capsys.readouterr().out
 
@@ -319,14 +326,26 @@ def test_max_loss_does_not_invalidate_checkpoints(params: Params, tmp_path: Path
 # before it, and still ends with the weights of an uninterrupted run.
 
 
+class Runs(NamedTuple):
+    """Two runs of the same params, read-only: tests copy what they change."""
+
+    params: Params
+    checkpoints: Path  # of the run interrupted at step 40: checkpoints at steps 20 and 40
+    expected: dict[str, np.ndarray]  # the final weights of the whole run
+    whole: Path  # the whole 60-step run's directory (checkpoints, reports)
+    whole_summary: TrainSummary
+
+
 @pytest.fixture(scope="module")
-def interrupted_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Params, Path, dict[str, np.ndarray]]:
-    """Checkpoints at steps 20 and 40 of a 60-step run, and the final weights of the whole run."""
+def interrupted_run(tmp_path_factory: pytest.TempPathFactory) -> Runs:
+    """A whole 60-step run and one interrupted after its checkpoint at step 40. Built once per
+    module (each run costs about a second of set-up and export); a test that resumes or changes
+    either copies its checkpoints first."""
     params = parse_params(make_params_document(_shared_source()))
     whole, interrupted = tmp_path_factory.mktemp("whole"), tmp_path_factory.mktemp("interrupted")
-    _run(params, whole)
+    summary = _run(params, whole)
     _run(params, interrupted, steps=40)
-    return params, interrupted / "checkpoints", _final_state(whole)
+    return Runs(params, interrupted / "checkpoints", _final_state(whole), whole, summary)
 
 
 def _copy_of(checkpoints: Path, root: Path) -> Path:
@@ -340,7 +359,7 @@ def _copy_of(checkpoints: Path, root: Path) -> Path:
 @pytest.mark.parametrize("damage", list(DAMAGES))
 def test_damaged_newest_checkpoint_is_skipped_with_a_message(interrupted_run, tmp_path: Path, damage: str,
                                                             capsys: pytest.CaptureFixture[str]) -> None:
-    params, checkpoints, expected = interrupted_run
+    params, checkpoints, expected = interrupted_run[:3]
     root = tmp_path / "run"
     DAMAGES[damage][0](_copy_of(checkpoints, root))
     summary = _run(params, root)
@@ -356,7 +375,7 @@ def test_a_lost_list_of_checkpoints_loses_nothing(interrupted_run, tmp_path: Pat
                                                   capsys: pytest.CaptureFixture[str]) -> None:
     """TensorFlow's `checkpoint` file (the list the manager prunes by) turned to garbage: the run
     resumes from the newest checkpoint file all the same, and pruning still keeps only the newest."""
-    params, checkpoints, expected = interrupted_run
+    params, checkpoints, expected = interrupted_run[:3]
     root = tmp_path / "run"
     newest = _copy_of(checkpoints, root)
     (newest.parent / "checkpoint").write_bytes(np.random.default_rng(0).bytes(300))
@@ -368,7 +387,7 @@ def test_a_lost_list_of_checkpoints_loses_nothing(interrupted_run, tmp_path: Pat
 
 def test_every_checkpoint_damaged_starts_fresh(interrupted_run, tmp_path: Path,
                                                capsys: pytest.CaptureFixture[str]) -> None:
-    params, checkpoints, expected = interrupted_run
+    params, checkpoints, expected = interrupted_run[:3]
     root = tmp_path / "run"
     newest = _copy_of(checkpoints, root)
     for path in newest.parent.glob("ckpt-*.data-*"):
@@ -383,7 +402,7 @@ def test_every_checkpoint_damaged_starts_fresh(interrupted_run, tmp_path: Path,
 def test_checkpoints_of_the_older_npz_format_are_ignored(interrupted_run, tmp_path: Path,
                                                          capsys: pytest.CaptureFixture[str]) -> None:
     """An upgrade leaves the previous code's `checkpoints/ckpt-<step>.npz` files behind."""
-    params, _, expected = interrupted_run
+    params, _, expected = interrupted_run[:3]
     old = tmp_path / "checkpoints" / "ckpt-000000040.npz"
     old.parent.mkdir()
     old.write_bytes(b"PK\x03\x04" + bytes(100))

@@ -9,24 +9,37 @@ from __future__ import annotations
 import csv
 import io
 from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")  # no display on servers and CI
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from tasks.lib.atomic import write_bytes_atomic
+from tasks.lib.files import FileProblem, read_text_file
 
-from tasks.lib.atomic import write_bytes_atomic  # noqa: E402
-from tasks.lib.files import FileProblem, read_text_file  # noqa: E402
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 MAX_CURVE_BYTES = 64 << 20  # a row per curve point, ~20 bytes: room for 3 million points
 
 
-def _save(figure: plt.Figure, path: Path) -> None:
+def _pyplot() -> ModuleType:
+    """matplotlib.pyplot, headless (Agg: no display on servers and CI), imported when the first
+    picture is drawn: the import takes a second or more, and evaluate refuses bad params or
+    data before it draws anything."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot
+
+    return matplotlib.pyplot
+
+
+def _save(figure: Figure, path: Path) -> None:
     buffer = io.BytesIO()
     # A fixed timestamp-free PNG keeps the bytes stable across identical runs.
     figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight", metadata={"Software": None})
-    plt.close(figure)
+    _pyplot().close(figure)
     write_bytes_atomic(path, buffer.getvalue())
 
 
@@ -43,7 +56,7 @@ def _curve(curves_dir: Path, name: str) -> tuple[list[int], list[float]]:
 
 def learning_curves(curves_dir: Path, path: Path) -> None:
     """From the training curves train logs through DVCLive (``reports/train/plots/metrics/``)."""
-    figure, (loss_axis, accuracy_axis, rate_axis) = plt.subplots(1, 3, figsize=(15, 4))
+    figure, (loss_axis, accuracy_axis, rate_axis) = _pyplot().subplots(1, 3, figsize=(15, 4))
     loss_axis.plot(*_curve(curves_dir, "loss"))
     loss_axis.set(title="training loss (cross-entropy + L2)", xlabel="step", yscale="log")
     for name, label in (("validation_accuracy", "moving average"), ("validation_accuracy_raw", "raw weights")):
@@ -56,7 +69,7 @@ def learning_curves(curves_dir: Path, path: Path) -> None:
 
 
 def confusion_matrix(matrix: np.ndarray, path: Path) -> None:
-    figure, axis = plt.subplots(figsize=(7, 6))
+    figure, axis = _pyplot().subplots(figsize=(7, 6))
     shown = axis.imshow(np.log1p(matrix), cmap="Blues")
     for (actual, predicted), count in np.ndenumerate(matrix):
         if count:
@@ -72,7 +85,7 @@ def misclassified_grid(images: np.ndarray, actual: np.ndarray, predicted: np.nda
     """Up to len(images) wrong test digits, titled 'true -> predicted'."""
     columns = max(1, int(np.ceil(np.sqrt(max(len(images), 1)))))
     rows = max(1, int(np.ceil(len(images) / columns)))
-    figure, axes = plt.subplots(rows, columns, figsize=(1.4 * columns, 1.6 * rows), squeeze=False)
+    figure, axes = _pyplot().subplots(rows, columns, figsize=(1.4 * columns, 1.6 * rows), squeeze=False)
     for index, axis in enumerate(axes.flat):
         axis.axis("off")
         if index < len(images):

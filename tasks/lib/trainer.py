@@ -20,6 +20,9 @@ input: tests/test_trainer.py checks both bit for bit.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import numpy as np
 
 from tasks.lib import model as network
@@ -45,43 +48,8 @@ class Trainer(tf.Module):
         self.activation = model.activation
         self.train, self.decay_steps = train, decay_steps
         self.l2_rate = tf.constant(train.l2_rate, tf.float32)
-        self.averaging = train.moving_average_decay > 0
+        self._loop = _compiled_loop(model.activation, train.moving_average_decay > 0, train.l2_rate)
         self.regularised = network.weight_matrices(self.weights)
-
-    def _loss(self, weights: list[tf.Tensor], images: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        """(mean cross-entropy + L2 penalty, mean cross-entropy) of one batch."""
-        logits = network.inference(images, weights, self.activation)
-        cross_entropy = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits))
-        penalty = tf.add_n([tf.nn.l2_loss(matrix) for matrix in network.weight_matrices(weights)])
-        return cross_entropy + self.l2_rate * penalty, cross_entropy
-
-    @tf.function(jit_compile=True)
-    def _loop(self, images: tf.Tensor, labels: tf.Tensor, batches: tf.Tensor, count: tf.Tensor,
-              rates: tf.Tensor, decays: tf.Tensor, weights: list[tf.Tensor],
-              averages: list[tf.Tensor]) -> tuple[list[tf.Tensor], list[tf.Tensor], tf.Tensor]:
-        """The first ``count`` steps of ``batches``: plain SGD, then the moving average, per step."""
-
-        def step(i: tf.Tensor, weights: list[tf.Tensor], averages: list[tf.Tensor],
-                 losses: tf.TensorArray) -> tuple:
-            indices = batches[i]
-            with tf.GradientTape() as tape:
-                tape.watch(weights)
-                loss, cross_entropy = self._loss(weights, tf.gather(images, indices), tf.gather(labels, indices))
-            gradients = tape.gradient(loss, weights)
-            weights = [value - rates[i] * gradient for value, gradient in zip(weights, gradients)]
-            if self.averaging:
-                # The update in the form tf.train.ExponentialMovingAverage (the seed's) computes it:
-                # average -= (average - weights) * (1 - decay), with 1 - decay taken in float32.
-                rate = 1.0 - decays[i]
-                averages = [average - (average - value) * rate for average, value in zip(averages, weights)]
-            else:  # no moving average: the "averages" are the weights themselves, exactly
-                averages = weights
-            return i + 1, weights, averages, losses.write(i, cross_entropy)
-
-        losses = tf.TensorArray(tf.float32, size=tf.shape(batches)[0], element_shape=[])
-        _, weights, averages, losses = tf.while_loop(
-            lambda i, *_: i < count, step, (tf.constant(0), weights, averages, losses))
-        return weights, averages, losses.stack()
 
     def _schedule(self, first_step: int, count: int, rows: int) -> tuple[np.ndarray, np.ndarray]:
         """Learning rate and moving-average decay of the ``count`` steps from ``first_step``, as
@@ -154,3 +122,53 @@ class Trainer(tf.Module):
 
     def export(self, directory: str) -> None:
         network.export(network.ServingModel(self.averages, self.weights, self.activation), directory)
+
+
+def _loss(weights: list[tf.Tensor], images: tf.Tensor, labels: tf.Tensor, activation: str,
+          l2_rate: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """(mean cross-entropy + L2 penalty, mean cross-entropy) of one batch."""
+    logits = network.inference(images, weights, activation)
+    cross_entropy = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits))
+    penalty = tf.add_n([tf.nn.l2_loss(matrix) for matrix in network.weight_matrices(weights)])
+    return cross_entropy + l2_rate * penalty, cross_entropy
+
+
+@functools.cache
+def _compiled_loop(activation: str, averaging: bool, l2_rate: float) -> Callable:
+    """The compiled loop for one kind of network, shared by every Trainer of that kind in this
+    process. A loop defined per Trainer is traced and compiled by XLA again for each one (about
+    a second of CPU, most of a short run's cost); a process that builds several (the tests, the
+    bench) compiles each kind once. The graph is the one a per-Trainer loop traces: the same
+    ops, the L2 rate the same captured constant, so the program and its results are the same."""
+    l2 = tf.constant(l2_rate, tf.float32)
+
+    @tf.function(jit_compile=True)
+    def loop(images: tf.Tensor, labels: tf.Tensor, batches: tf.Tensor, count: tf.Tensor, rates: tf.Tensor,
+             decays: tf.Tensor, weights: list[tf.Tensor],
+             averages: list[tf.Tensor]) -> tuple[list[tf.Tensor], list[tf.Tensor], tf.Tensor]:
+        """The first ``count`` steps of ``batches``: plain SGD, then the moving average, per step."""
+
+        def step(i: tf.Tensor, weights: list[tf.Tensor], averages: list[tf.Tensor],
+                 losses: tf.TensorArray) -> tuple:
+            indices = batches[i]
+            with tf.GradientTape() as tape:
+                tape.watch(weights)
+                loss, cross_entropy = _loss(weights, tf.gather(images, indices), tf.gather(labels, indices),
+                                            activation, l2)
+            gradients = tape.gradient(loss, weights)
+            weights = [value - rates[i] * gradient for value, gradient in zip(weights, gradients)]
+            if averaging:
+                # The update in the form tf.train.ExponentialMovingAverage (the seed's) computes it:
+                # average -= (average - weights) * (1 - decay), with 1 - decay taken in float32.
+                rate = 1.0 - decays[i]
+                averages = [average - (average - value) * rate for average, value in zip(averages, weights)]
+            else:  # no moving average: the "averages" are the weights themselves, exactly
+                averages = weights
+            return i + 1, weights, averages, losses.write(i, cross_entropy)
+
+        losses = tf.TensorArray(tf.float32, size=tf.shape(batches)[0], element_shape=[])
+        _, weights, averages, losses = tf.while_loop(
+            lambda i, *_: i < count, step, (tf.constant(0), weights, averages, losses))
+        return weights, averages, losses.stack()
+
+    return loop
