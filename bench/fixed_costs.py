@@ -174,6 +174,9 @@ def probe(module_name: str, report: Path, arguments: list[str]) -> int:
     ledger = Ledger()
     install_probe(ledger)
     code = 1
+    # The command line the module would see as `python -m module arguments` (flows/__init__.py
+    # reads it to start the flow's temporary server before Prefect's import).
+    sys.orig_argv = [sys.executable, "-m", module_name, *arguments]
     try:
         code = importlib.import_module(module_name).main(arguments)
     finally:

@@ -16,8 +16,8 @@ itself (see ``tasks/lib/repository.py``): tasks ``git-sync`` (the branch's newes
 and ``dvc-pull`` come before the stages, and ``publish`` after them when a stage ran
 (``dvc push``, one commit of the results, GTO tags of a promoted version, one atomic push).
 
-With ``PREFECT_API_URL`` set, the run is recorded on that server; otherwise Prefect starts a
-temporary local server for the run.
+With ``PREFECT_API_URL`` set, the run is recorded on that server; otherwise on a temporary local
+server started for the run (``flows/temporary_server.py``), on the database in ``PREFECT_HOME``.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.states import Completed, State
 from prefect.tasks import exponential_backoff
 
+from flows import temporary_server
 from tasks.lib import repository as team
 from tasks.lib.files import read_regular_file, read_text_file
 from tasks.lib.params import Params, Paths, load_params
@@ -335,6 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM as Ctrl-C: the running stage is stopped (tasks/lib/processes.py) before this exits.
     signal.signal(signal.SIGTERM, _interrupt)
     try:
+        temporary_server.adopt()  # the server started early, if no server is configured
         state = pipeline(repo=args.repo, publish=args.publish, return_state=True)
     except KeyboardInterrupt:
         print("interrupted: the running stage was stopped; dvc.lock records the stages that finished",

@@ -82,14 +82,22 @@ def confusion_matrix(matrix: np.ndarray, path: Path) -> None:
 
 
 def misclassified_grid(images: np.ndarray, actual: np.ndarray, predicted: np.ndarray, path: Path) -> None:
-    """Up to len(images) wrong test digits, titled 'true -> predicted'."""
+    """Up to len(images) wrong test digits, titled 'true -> predicted'.
+
+    One image of all the digits, each tile with room above it for its title: a grid of 36 small
+    plots (matplotlib subplots) took a second of the evaluate stage to lay out and draw."""
     columns = max(1, int(np.ceil(np.sqrt(max(len(images), 1)))))
     rows = max(1, int(np.ceil(len(images) / columns)))
-    figure, axes = _pyplot().subplots(rows, columns, figsize=(1.4 * columns, 1.6 * rows), squeeze=False)
-    for index, axis in enumerate(axes.flat):
-        axis.axis("off")
-        if index < len(images):
-            axis.imshow(images[index].reshape(28, 28), cmap="gray_r")
-            axis.set_title(f"{actual[index]} -> {predicted[index]}", fontsize=9)
-    figure.suptitle("misclassified test digits (true -> predicted)")
+    side, title_room, gap = 28, 12, 6  # pixels of a digit, of the title above it, between columns
+    mosaic = np.zeros((rows * (title_room + side), columns * (side + gap)), dtype=np.float32)
+    width = 1.4 * columns  # inches; the height follows the mosaic's shape
+    figure, axis = _pyplot().subplots(figsize=(width, width * mosaic.shape[0] / mosaic.shape[1]))
+    for index, image in enumerate(images):
+        top, left = (index // columns) * (title_room + side) + title_room, (index % columns) * (side + gap)
+        mosaic[top:top + side, left:left + side] = image.reshape(side, side)
+        axis.text(left + side / 2, top - 2, f"{actual[index]} -> {predicted[index]}", fontsize=9,
+                  ha="center", va="bottom")
+    axis.imshow(mosaic, cmap="gray_r", interpolation="nearest")
+    axis.axis("off")
+    axis.set_title("misclassified test digits (true -> predicted)", fontsize=12)
     _save(figure, path)

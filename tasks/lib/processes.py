@@ -134,6 +134,14 @@ def stream(command: Sequence[str], cwd: Path | str, timeout: float,
     return process.returncode, lines
 
 
+def start_with_parent(command: Sequence[str], environment: dict[str, str]) -> subprocess.Popen:
+    """Start a helper that lives no longer than this process (a flow's temporary Prefect server),
+    output to this process's own: its own session, so a Ctrl-C in the terminal reaches only this
+    process, which stops the helper in its own time; SIGTERM when this process dies outright."""
+    return subprocess.Popen(list(command), env=environment,
+                            preexec_fn=_end_with(os.getpid(), _libc()))  # noqa: PLW1509 - no lock is taken
+
+
 def start(command: Sequence[str], environment: dict[str, str], log: IO[bytes]) -> subprocess.Popen:
     """Start a long-lived service (a Prefect server) in its own process session, output to ``log``."""
     return subprocess.Popen(list(command), env=environment, stdout=log, stderr=subprocess.STDOUT,
