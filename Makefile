@@ -37,7 +37,7 @@ test: $(STAMP)
 	$(PYTHON) -m pytest -n $(TEST_WORKERS)
 
 test-fast: $(STAMP)
-	$(PYTHON) -m pytest -m "not slow and not server and not real"
+	$(PYTHON) -m pytest -n 2 -m "not slow and not server and not real"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -29,6 +29,7 @@ import ast
 import copy
 import hashlib
 import shutil
+import signal
 import subprocess
 import sys
 from dataclasses import replace
@@ -142,6 +143,22 @@ def run_command(command: list[str], cwd: Path, check: bool = True,
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
+
+
+def run_in_session(command: list[str], cwd: Path, environment: dict[str, str],
+                   timeout: float) -> subprocess.CompletedProcess:
+    """``subprocess.run`` with the command in a session of its own: on a time-out (or pytest's) the
+    whole session is killed, the command and what it started (`dvc exp run --run-all`, a flow run),
+    not the command alone, which would leave its children running after the test."""
+    process = subprocess.Popen(command, cwd=cwd, env=environment, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except BaseException:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        raise
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
 def make_project(root: Path, document: dict[str, Any]) -> Path:

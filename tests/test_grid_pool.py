@@ -31,7 +31,7 @@ import pytest
 from flows.server import start_server
 
 from . import test_team
-from .conftest import dvc, run_command, write_synthetic
+from .conftest import dvc, run_command, run_in_session, write_synthetic
 from .test_team import POOL, Team, _make_remote, _wait_for
 from .test_team_crash import alive, command_line, descendants
 
@@ -90,7 +90,7 @@ def grid(team: GridTeam, clone: Path, *arguments: str, wait: bool = True) -> sub
     if not wait:
         return subprocess.Popen(command, cwd=clone, env=team.environment(), stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)
-    return subprocess.run(command, cwd=clone, env=team.environment(), capture_output=True, text=True, timeout=900)
+    return run_in_session(command, clone, team.environment(), timeout=900)
 
 
 def cell_runs(team: GridTeam) -> list:
@@ -155,8 +155,8 @@ def test_a_the_local_executor_gives_the_same_table_and_metrics(team: GridTeam, t
     dvc(pool_clone, "exp", "pull", "--no-cache", "origin", *NAMES)
     local_clone = team.clone(tmp_path / "local")
     run_command(["git", "checkout", "-q", commit], local_clone)
-    local = subprocess.run([sys.executable, "-m", "tasks.commands.experiments", *SWEEP], cwd=local_clone,
-                           env=team.environment(), capture_output=True, text=True, timeout=1200)
+    local = run_in_session([sys.executable, "-m", "tasks.commands.experiments", *SWEEP], local_clone,
+                           team.environment(), timeout=1200)
     assert local.returncode == 0, local.stdout + local.stderr
     assert accuracies(pool_clone) == accuracies(local_clone) and len(accuracies(local_clone)) == 4
     assert pool_table == table_rows(local_clone / TABLE) and len(pool_table) == 4  # header, rule, 2 variants

@@ -23,7 +23,9 @@ ANNOUNCED = re.compile(r"Running on a temporary server at http://127\.0\.0\.1:(\
 
 
 def _flow_environment(home: Path, **extra: str) -> dict[str, str]:
-    environment = tool_environment() | {"PREFECT_HOME": str(home), **extra}
+    """The flow's environment, marked with ``home``: its temporary server inherits the mark, so a
+    test finds its own server and not those of tests running beside it (`pytest -n`)."""
+    environment = tool_environment() | {"PREFECT_HOME": str(home), "MNIST_TEST_FLOW_HOME": str(home), **extra}
     for configured in ("PREFECT_API_URL", "PREFECT_PROFILE", "PREFECT_PROFILES_PATH"):
         environment.pop(configured, None)
     environment.update(extra)
@@ -35,6 +37,19 @@ def _servers(port: str | None = None) -> list[int]:
     pattern = f"serve({port})" if port else "from flows.temporary_server import serve"
     return [int(entry.name) for entry in Path("/proc").iterdir()
             if entry.name.isdigit() and pattern in command_line(int(entry.name)) and alive(int(entry.name))]
+
+
+def _servers_of(home: Path) -> list[int]:
+    """The temporary servers started by flows run with ``_flow_environment(home)``."""
+    mark = f"MNIST_TEST_FLOW_HOME={home}".encode() + b"\0"
+    found = []
+    for pid in _servers():
+        try:
+            if mark in (Path("/proc") / str(pid) / "environ").read_bytes() + b"\0":
+                found.append(pid)
+        except OSError:
+            continue
+    return found
 
 
 def _bad_params_project(root: Path, synthetic_source: Path) -> Path:
@@ -73,12 +88,11 @@ def test_a_profiles_server_is_used_and_the_early_server_stopped(tmp_path: Path, 
         profiles = tmp_path / "profiles.toml"
         profiles.write_text(f'active = "team"\n\n[profiles.team]\nPREFECT_API_URL = "{server.api_url}"\n')
         environment = _flow_environment(tmp_path / "home", PREFECT_PROFILES_PATH=str(profiles))
-        before = set(_servers())
         result = subprocess.run([sys.executable, "-m", "flows.pipeline", "--repo", str(project)],
                                 env=environment, capture_output=True, text=True, timeout=300)
         assert result.returncode == 1, result.stderr
         assert not ANNOUNCED.search(result.stderr) and "temporary server" not in result.stderr
-        assert set(_servers()) <= before
+        assert _servers_of(tmp_path / "home") == []
         runs = prefect_api(server, lambda client: client.read_flow_runs())
         assert [run.state.type.value for run in runs] == ["FAILED"]
     finally:
@@ -95,26 +109,23 @@ def test_a_killed_flow_takes_its_temporary_server_with_it(tmp_path: Path, synthe
         if announced := ANNOUNCED.search(line):
             port = announced.group(1)
             break
-    assert port and _servers(port), "no temporary server announced"
+    assert port and _servers(port) == _servers_of(tmp_path / "home") != [], "no temporary server announced"
     flow.send_signal(signal.SIGKILL)
     flow.wait()
     deadline = time.monotonic() + 30
     while _servers(port) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert _servers(port) == []
-    leftovers = [pid for pid in _servers() if str(port) in command_line(pid)]
-    assert leftovers == []
+    assert _servers(port) == [] and _servers_of(tmp_path / "home") == []
 
 
 def test_no_temporary_servers_allowed_means_none_is_left_running(tmp_path: Path, synthetic_source: Path) -> None:
     project = _bad_params_project(tmp_path / "project", synthetic_source)
     environment = _flow_environment(tmp_path / "home", PREFECT_SERVER_ALLOW_EPHEMERAL_MODE="false")
-    before = set(_servers())
     result = subprocess.run([sys.executable, "-m", "flows.pipeline", "--repo", str(project)],
                             env=environment, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     assert "No Prefect API URL provided" in result.stderr  # Prefect's own refusal, unchanged
-    assert set(_servers()) <= before
+    assert _servers_of(tmp_path / "home") == []
 
 
 def test_importing_the_flows_starts_no_server() -> None:
