@@ -222,6 +222,15 @@ def prefect_api(server: Any, query: Any) -> Any:
         return asyncio.run(run())
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """A suite started as a background job of a script (`make test &`, `nohup`) inherits SIGINT
+    ignored, and so would every process it starts: the tests that press Ctrl-C (send SIGINT) would
+    wait for processes that never hear it. Python's own handler, as under a terminal, so the
+    children start with SIGINT at its default. (Runs in every `pytest -n` worker too.)"""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 # --- the suite on several processes (`pytest -n N`, as `make test` runs it) ------------------------
 
 # Modules whose tests build on one module fixture, in file order (a team's remote, a Prefect
