@@ -63,7 +63,8 @@ class PrefectServer:
                 self.process.wait()
 
 
-def _healthy(api_url: str) -> bool:
+def healthy(api_url: str) -> bool:
+    """Whether the Prefect server of ``api_url`` answers its health check."""
     try:
         with urllib.request.urlopen(f"{api_url}/health", timeout=2) as response:
             return response.status == 200
@@ -105,7 +106,7 @@ def start_server(home: Path, port: int | None = None, ui: bool = False, timeout:
     server = PrefectServer(process, api_url, home)
     local_api = f"http://127.0.0.1:{port}/api" if host in ("0.0.0.0", "::") else api_url
     deadline = time.monotonic() + timeout
-    while not _healthy(local_api):
+    while not healthy(local_api):
         if process.poll() is not None or time.monotonic() > deadline:
             server.stop()
             tail = (home / "server.log").read_text(errors="replace")[-2000:]

@@ -27,58 +27,50 @@ import os
 import subprocess
 import sys
 import time
-import urllib.request
+from dataclasses import dataclass
 
+from flows.server import free_port, healthy  # the standard library and tasks.lib.processes only
 from tasks.lib import processes
 
 STOP_GRACE_SECONDS = 5.0  # as Prefect's own temporary server: SIGTERM, then SIGKILL after 5 s
 
-_started: dict[str, object] = {}  # the early server of this process: "process" and "api_url"
+
+@dataclass
+class EarlyServer:
+    process: subprocess.Popen
+    api_url: str
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+_early: EarlyServer | None = None  # the server this process started, until it is stopped
 
 
 def start_if_run_as(module: str) -> None:
     """Start the server now if this process is ``python -m <module>`` and no ``PREFECT_API_URL``
     is in the environment (a profile's URL is known only once Prefect is imported: see :func:`adopt`)."""
-    if sys.orig_argv[1:3] != ["-m", module] or os.environ.get("PREFECT_API_URL") or _started:
+    global _early
+    if sys.orig_argv[1:3] != ["-m", module] or os.environ.get("PREFECT_API_URL") or _early:
         return
-    port = _free_port()
+    port = free_port()
     environment = processes.child_environment(
         PREFECT_UI_ENABLED="0", PREFECT__SERVER_EPHEMERAL="1", PREFECT__SERVER_FINAL="1")
     # -c, not -m: `python -m flows.temporary_server` would run this module a second time, as __main__.
     command = [sys.executable, "-c", f"from flows.temporary_server import serve; serve({port})"]
-    _started["process"] = processes.start_with_parent(command, environment)
-    _started["api_url"] = f"http://127.0.0.1:{port}/api"
+    _early = EarlyServer(processes.start_with_parent(command, environment), f"http://127.0.0.1:{port}/api")
     atexit.register(stop)  # registered before Prefect's own exit handlers, so it runs after them
 
 
 def stop() -> None:
     """Stop the early server, if this process started one."""
-    process = _started.pop("process", None)
-    _started.pop("api_url", None)
-    if isinstance(process, subprocess.Popen):
-        processes.stop_group(process, grace=STOP_GRACE_SECONDS)
+    global _early
+    early, _early = _early, None
+    if early:
+        processes.stop_group(early.process, grace=STOP_GRACE_SECONDS)
 
 
-def _healthy(api_url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{api_url}/health", timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False
-
-
-def _wait_until_healthy(process: subprocess.Popen, api_url: str, timeout: float) -> bool:
+def _wait_until_healthy(early: EarlyServer, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
-    while process.poll() is None and time.monotonic() < deadline:
-        if _healthy(api_url):
+    while early.process.poll() is None and time.monotonic() < deadline:
+        if healthy(early.api_url):
             return True
         time.sleep(0.05)
     return False
@@ -90,22 +82,21 @@ def adopt() -> str | None:
     from prefect.context import refresh_global_settings_context
     from prefect.settings import get_current_settings
 
-    process, api_url = _started.get("process"), _started.get("api_url")
-    if not isinstance(process, subprocess.Popen) or not isinstance(api_url, str):
+    if _early is None:
         return None
     settings = get_current_settings()
     if settings.api.url or not settings.server.ephemeral.enabled:
         stop()  # a profile's server, or no temporary servers allowed: Prefect's choice stands
         return None
-    if not _wait_until_healthy(process, api_url, settings.server.ephemeral.startup_timeout_seconds):
+    if not _wait_until_healthy(_early, settings.server.ephemeral.startup_timeout_seconds):
         print("temporary server: it did not start; Prefect starts its own", file=sys.stderr)
         stop()
         return None
-    os.environ["PREFECT_API_URL"] = api_url
+    os.environ["PREFECT_API_URL"] = _early.api_url
     refresh_global_settings_context()  # Prefect read its settings at import, before the line above
-    print(f"Running on a temporary server at {api_url.removesuffix('/api')} (stopped when the flow ends); "
+    print(f"Running on a temporary server at {_early.api_url.removesuffix('/api')} (stopped when the flow ends); "
           "`make serve` keeps one running", file=sys.stderr)
-    return api_url
+    return _early.api_url
 
 
 def serve(port: int) -> None:

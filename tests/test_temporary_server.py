@@ -134,4 +134,4 @@ def test_importing_the_flows_starts_no_server() -> None:
     import flows.temporary_server as temporary_server
 
     assert sys.orig_argv[1:3] != ["-m", "flows.pipeline"]
-    assert temporary_server._started == {} and temporary_server.adopt() is None
+    assert temporary_server._early is None and temporary_server.adopt() is None
